@@ -1,0 +1,71 @@
+"""Flags every script shares. A script's `Args` inherits these and adds its own; tyro turns each field's
+docstring into its `--help` line."""
+from dataclasses import dataclass
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = ""
+    """where the run writes its model, metrics.jsonl, summary.json and checkpoint (default: runs/<script>__<seed>__<time>)"""
+    overwrite: bool = False
+    """replace an existing output directory that holds an earlier run"""
+    resume: bool = False
+    """continue the run in --output-dir from its last checkpoint (exactly: weights, optimizer, RNG and data position)"""
+    stop_after: int = 0
+    """stop after this many steps (counted from the start of training) with a checkpoint, to --resume later"""
+    save_every: int = 0
+    """every N steps write a resumable checkpoint and an HF export to <output-dir>/step_N (0: only the final export)"""
+    seed: int = 1
+    """random seed (each rank uses seed + rank)"""
+    track: bool = False
+    """log to Weights & Biases (offline unless you are logged in; set WANDB_MODE=online to force)"""
+    wandb_project: str = "onefile-rlhf"
+    """wandb project name"""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (3 shards parameters; frozen models are sharded the same way)"""
+    offload: bool = False
+    """offload optimizer state (ZeRO >= 1) and, with ZeRO-3, parameters to CPU memory"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    bf16: bool = True
+    """train in bf16 on GPU (CPU always trains in fp32)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clipping (0 disables)"""
+    warmup_steps: int = 0
+    """linear learning-rate warmup steps; then the rate is constant (see --lr-decay)"""
+    lr_decay: bool = False
+    """decay the learning rate linearly to 0 at the last step"""
+    trust_remote_code: bool = False
+    """allow model/tokenizer code from the model directory to run (only for sources you trust)"""
+    local_rank: int = -1
+    """set by the deepspeed launcher; leave it"""
+
+
+@dataclass
+class DataArgs:
+    dataset: str = "addition"
+    """a built-in task (addition), a local json/jsonl/parquet/csv file, a local dataset directory, or a HF hub name"""
+    dataset_split: str = "train"
+    """split to train on (hub datasets and dataset directories)"""
+    eval_dataset: str = ""
+    """held-out data (same forms as --dataset); default: the task's held-out split, or --eval-size rows split off"""
+    eval_split: str = "test"
+    """split of --eval-dataset to evaluate on (hub datasets and dataset directories)"""
+    eval_size: int = 256
+    """held-out rows: how many to split off --dataset when there is no --eval-dataset, and the cap on eval rows"""
+    prompt_column: str = "prompt"
+    """column holding the prompt (a string, or a list of chat messages)"""
+    response_column: str = "response"
+    """column holding the response / completion"""
+    chosen_column: str = "chosen"
+    """column holding the preferred response (or a full preferred conversation)"""
+    rejected_column: str = "rejected"
+    """column holding the dispreferred response (or a full dispreferred conversation)"""
+    label_column: str = "label"
+    """column holding whether a completion is desirable (bool), for unpaired preference data"""
+    messages_column: str = "messages"
+    """column holding a whole conversation (list of {role, content}); used when --prompt-column is absent"""
+    max_len: int = 256
+    """maximum tokens of prompt + response"""
+    overlong: str = "truncate"
+    """what to do with longer examples: truncate (cut the end) or skip; the count is reported"""

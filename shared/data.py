@@ -1,0 +1,262 @@
+"""Data loading: built-in tasks, local files and directories, HF hub datasets -> validated, tokenized examples.
+
+Templates. Conversations (lists of {role, content}) go through the tokenizer's chat template. A plain-string prompt
+goes through the chat template as one user message when the tokenizer has one; otherwise the PLAIN TEMPLATE applies:
+the prompt's tokens (with the tokenizer's BOS, if it adds one) followed directly by the response's tokens and EOS.
+A conversation with no chat template is rendered as "role: content" lines followed by "assistant: ".
+Every response ends with exactly one EOS token (a trailing EOS in the data is not doubled).
+"""
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from shared import tasks
+from shared.dist import UserError
+
+KINDS = {  # kind -> the columns its rows need (besides the prompt)
+    "sft": ("response",),
+    "pair": ("chosen", "rejected"),
+    "unpaired": ("response", "label"),
+    "prompt": (),
+}
+LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_table(spec: str, split: str, kind: str) -> list[dict]:
+    """Rows (dicts) of a built-in task, a local file or directory, or a hub dataset."""
+    if spec in tasks.TASKS:
+        return tasks.get(spec).rows(kind, "test" if split in ("test", "validation", "eval") else "train")
+    import datasets
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file():
+            if path.suffix not in LOADERS:
+                raise UserError(f"dataset file {spec} has an unsupported extension; use one of {sorted(LOADERS)}")
+            ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+        elif path.is_dir():
+            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            else:
+                ds = datasets.load_dataset(str(path), split=split)
+        elif path.suffix in LOADERS or spec.startswith((".", "/", "~")):
+            raise UserError(f"dataset file {spec} does not exist; check the path")
+        else:
+            ds = datasets.load_dataset(spec, split=split)
+    except UserError:
+        raise
+    except Exception as e:  # a hub name that cannot be reached, a split that does not exist, a malformed file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not load dataset '{spec}' (split '{split}'): {msg}. Built-in tasks: "
+                        f"{sorted(tasks.TASKS)}; local json/jsonl/parquet/csv files and directories also work") from None
+    return ds.to_list()
+
+
+def train_eval_rows(args, kind: str) -> tuple[list[dict], list[dict]]:
+    """Train rows and held-out rows (the task's test split, --eval-dataset, or --eval-size rows split off)."""
+    rows = load_table(args.dataset, args.dataset_split, kind)
+    if args.eval_dataset:
+        eval_rows = load_table(args.eval_dataset, args.eval_split, kind)
+    elif args.dataset in tasks.TASKS:
+        eval_rows = load_table(args.dataset, "test", kind)
+    else:
+        random.Random(0).shuffle(rows)
+        n_eval = min(args.eval_size, len(rows) // 10)
+        eval_rows, rows = rows[:n_eval], rows[n_eval:]
+    if not rows:
+        raise UserError(f"dataset {args.dataset} has no rows; check the file or --dataset-split")
+    return rows, eval_rows[: args.eval_size]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+
+
+def _field(row: dict, i: int, col: str, flag: str, allow_messages: bool = True):
+    if col not in row:
+        raise UserError(f"column '{col}' not found; available columns: {sorted(row)}. Set --{flag}")
+    value = row[col]
+    if isinstance(value, str) and value.strip():
+        return value
+    if allow_messages and _is_messages(value):
+        return value
+    what = "a non-empty string" + (" or a list of {role, content} messages" if allow_messages else "")
+    raise UserError(f"row {i}, column '{col}': expected {what}, got {type(value).__name__} {str(value)[:40]!r}; "
+                    f"fix or drop that row")
+
+
+def _split_conversation(conv, i: int, col: str):
+    if not _is_messages(conv) or conv[-1]["role"] != "assistant" or len(conv) < 2:
+        raise UserError(f"row {i}, column '{col}': a conversation must be a list of messages ending with an "
+                        f"assistant message")
+    return conv[:-1], conv[-1]["content"]
+
+
+def normalise(rows: list[dict], kind: str, args) -> list[dict]:
+    """Map the user's columns to {prompt, response | chosen, rejected | label, extras}; bad rows raise UserError."""
+    out = []
+    first = rows[0] if rows else {}
+    use_messages = args.prompt_column not in first and args.messages_column in first
+    for i, row in enumerate(rows):
+        ex = {}
+        if kind == "pair" and args.prompt_column not in row and args.chosen_column in row:  # two full conversations
+            p1, ex["chosen"] = _split_conversation(row[args.chosen_column], i, args.chosen_column)
+            p2, ex["rejected"] = _split_conversation(_field(row, i, args.rejected_column, "rejected-column"), i,
+                                                     args.rejected_column)
+            if p1 != p2:
+                raise UserError(f"row {i}: the chosen and rejected conversations differ before the last message")
+            ex["prompt"] = p1
+        elif use_messages and kind != "pair":
+            ex["prompt"], response = _split_conversation(
+                _field(row, i, args.messages_column, "messages-column"), i, args.messages_column)
+            if kind != "prompt":
+                ex["response"] = response
+        else:
+            ex["prompt"] = _field(row, i, args.prompt_column, "prompt-column")
+        cols = {"response": args.response_column, "chosen": args.chosen_column, "rejected": args.rejected_column}
+        for need in KINDS[kind]:
+            if need in ex:
+                continue
+            if need == "label":
+                if args.label_column not in row:
+                    raise UserError(f"column '{args.label_column}' not found; available columns: {sorted(row)}. "
+                                    f"Set --label-column")
+                label = row[args.label_column]
+                if label not in (True, False, 0, 1):
+                    raise UserError(f"row {i}, column '{args.label_column}': expected a bool, got {label!r}")
+                ex["label"] = bool(label)
+            else:
+                ex[need] = _field(row, i, cols[need], f"{need}-column", allow_messages=False)
+        used = {args.prompt_column, args.messages_column, *cols.values(), args.label_column}
+        ex["extras"] = {k: v for k, v in row.items() if k not in used}
+        out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tokenization
+
+
+def encode_prompt(tok, prompt) -> list[int]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if tok.chat_template:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, str):
+        return tok(prompt, add_special_tokens=True)["input_ids"]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return tok(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_response(tok, response: str) -> list[int]:
+    ids = tok(response, add_special_tokens=False)["input_ids"]
+    while ids and ids[-1] == tok.eos_token_id:
+        ids = ids[:-1]
+    return ids + [tok.eos_token_id]
+
+
+def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=print) -> list[dict]:
+    """Normalise and tokenize rows. Examples: sft/unpaired {input_ids, prompt_len[, label]};
+    pair {chosen_ids, rejected_ids, prompt_len}; prompt {prompt_ids, prompt, extras}."""
+    if args.overlong not in ("truncate", "skip"):
+        raise UserError(f"--overlong must be 'truncate' or 'skip', got '{args.overlong}'")
+    examples, n_cut, n_skip = [], 0, 0
+    for ex in normalise(rows, kind, args):
+        prompt_ids = encode_prompt(tok, ex["prompt"])
+        if kind == "prompt":
+            if len(prompt_ids) > args.max_len:
+                if args.overlong == "skip":
+                    n_skip += 1
+                    continue
+                prompt_ids, n_cut = prompt_ids[-args.max_len:], n_cut + 1  # keep the end, where the question is
+            examples.append({"prompt_ids": prompt_ids, "prompt": ex["prompt"], "extras": ex["extras"]})
+            continue
+        seqs = {k: prompt_ids + encode_response(tok, ex[k]) for k in ("response", "chosen", "rejected") if k in ex}
+        if any(len(s) > args.max_len for s in seqs.values()):
+            if args.overlong == "skip" or len(prompt_ids) >= args.max_len:
+                n_skip += 1
+                continue
+            seqs, n_cut = {k: s[: args.max_len] for k, s in seqs.items()}, n_cut + 1
+        if kind == "pair":
+            examples.append({"chosen_ids": seqs["chosen"], "rejected_ids": seqs["rejected"], "prompt_len": len(prompt_ids)})
+        else:
+            examples.append({"input_ids": seqs["response"], "prompt_len": len(prompt_ids), **(
+                {"label": ex["label"]} if kind == "unpaired" else {})})
+    if n_cut or n_skip:
+        log(f"[data] {what}: {n_cut} examples over --max-len {args.max_len} truncated, {n_skip} skipped")
+    if not examples:
+        raise UserError(f"no {what} examples left after filtering (all {len(rows)} over --max-len {args.max_len}?); "
+                        f"raise --max-len or use --overlong truncate")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (batch, max_len); right padding unless left=True."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
+    """Right-padded batch with response_mask = 1 on response tokens (EOS included), 0 on prompt and padding."""
+    ids, mask = pad(seqs, pad_id)
+    pos = torch.arange(ids.shape[1])
+    response_mask = (pos[None, :] >= torch.tensor(prompt_lens)[:, None]) & mask.bool()
+    return {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask}
+
+
+class Sampler:
+    """Deterministic stream of example indices: epoch e is a permutation seeded by (seed, e). The global batch of
+    step s is positions [s*B, (s+1)*B) of that stream, so the data position of a run is just its step."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def global_batch(self, step: int, size: int) -> list[int]:
+        out, pos = [], step * size
+        while len(out) < size:
+            epoch, offset = divmod(pos + len(out), self.n)
+            out.extend(self._perm(epoch)[offset: offset + size - len(out)])
+        return out
+
+    def rank_batch(self, step: int, size: int, ctx) -> list[int]:
+        """This rank's share of the global batch of `size` examples (size must divide by the world size)."""
+        idx = self.global_batch(step, size)
+        per = size // ctx.world
+        return idx[ctx.rank * per: (ctx.rank + 1) * per]
+
+
+def check_batch_sizes(batch_size: int, micro_batch_size: int, world: int, name: str = "--batch-size"):
+    """Raise a UserError unless batch = micro * grad_accum * world for a whole grad_accum; return grad_accum."""
+    if micro_batch_size <= 0 or batch_size <= 0 or batch_size % (micro_batch_size * world):
+        raise UserError(f"{name} {batch_size} must be a positive multiple of --micro-batch-size {micro_batch_size} "
+                        f"x {world} ranks; change one of them")
+    return batch_size // (micro_batch_size * world)
+
+
+def micro_batches(items: list, micro: int):
+    return [items[i: i + micro] for i in range(0, len(items), micro)]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false")

@@ -1,0 +1,105 @@
+"""Launch plumbing: works under `python X.py`, `deepspeed X.py` and `deepspeed --num_gpus N X.py`."""
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a column, a flag); printed as one line, exit code 2."""
+
+
+def cli(main, args_cls):
+    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2."""
+    import tyro
+
+    args = tyro.cli(args_cls)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(seed: int) -> Ctx:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and seed this rank with seed + rank."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        os.environ.setdefault(key, value)  # plain `python X.py`: without these DeepSpeed tries MPI discovery
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    cuda = torch.cuda.is_available()
+    if not cuda:  # the shared-memory all-reduce op only serves AutoTP inference and costs a 2-minute compile
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    ctx = Ctx(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    set_seed(seed + ctx.rank)
+    return ctx
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce across ranks (a no-op with one rank); returns the tensor."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

@@ -1,0 +1,280 @@
+"""Models and DeepSpeed: loading, the ZeRO config, wrapping trainable and frozen models, HF export, resumable
+checkpoints and the output directory."""
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from shared import dist
+from shared.dist import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_SFT, DEFAULT_RM, TOKENIZER = str(ASSETS / "sft"), str(ASSETS / "rm"), str(ASSETS / "tokenizer")
+# The tiny default policy (`--model-path tiny`): a 4-layer Llama over a character vocabulary (~0.8M parameters).
+TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def build_char_tokenizer():
+    """The committed default tokenizer (assets/tokenizer): one token per printable ASCII character, <pad>, <eos>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{chr(i): i - 29 for i in range(32, 127)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _check_model_path(path: str, flag: str):
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{flag} {path} is not a model directory (no config.json); give a directory written by "
+                            f"save_pretrained, e.g. a train_sft.py output")
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(("/", ".json", ".safetensors")):
+        raise UserError(f"{flag} {path} does not exist; check the path")
+
+
+def _hf_load(fn, path, flag, **kw):
+    try:
+        return fn(path, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {flag} {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: str, args, flag: str = "--model-path"):
+    from transformers import AutoTokenizer
+
+    if path == "tiny":
+        path = TOKENIZER
+    _check_model_path(path, flag) if not Path(path, "tokenizer_config.json").exists() else None
+    tok = _hf_load(AutoTokenizer.from_pretrained, path, flag, trust_remote_code=args.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer of {flag} {path} has no EOS token; set eos_token in its tokenizer_config.json")
+    if tok.pad_token_id is None:  # handled everywhere: masks come from lengths and first EOS, never from pad ids
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+_hf_ds_config = None  # transformers holds its ZeRO-3 config weakly: keep it alive while models are built
+
+
+def _zero3_construction(args, ctx):
+    global _hf_ds_config
+    if args.zero_stage == 3 and _hf_ds_config is None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _hf_ds_config = HfDeepSpeedConfig(ds_config(args, ctx))
+
+
+def _dtype(args, ctx):
+    return torch.bfloat16 if ctx.device.type == "cuda" and args.bf16 else torch.float32
+
+
+def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-path", seed: int = 0):
+    """A causal LM (kind='causal') or a scalar-head model (kind='score': reward model or critic). With ZeRO-3 the
+    parameters are built sharded. `path='tiny'` builds the tiny default policy from its config in code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+    _zero3_construction(args, ctx)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    extra = {} if kind == "causal" else {"num_labels": 1}
+    if path == "tiny":
+        tok = load_tokenizer("tiny", args)
+        config = LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None, **TINY, **extra)
+        torch.manual_seed(seed)  # the same initial weights on every rank
+        return auto.from_config(config, dtype=_dtype(args, ctx))
+    _check_model_path(path, flag)
+    config = _hf_load(AutoConfig.from_pretrained, path, flag, trust_remote_code=args.trust_remote_code, **extra)
+    config.pad_token_id = None  # ZeRO-3 construction fails on the padding row; padding is masked anyway
+    model = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=_dtype(args, ctx),
+                     trust_remote_code=args.trust_remote_code)
+    return model
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded prompt sees the same positions as an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """Scalar head on every position of a score model: (batch, seq_len). A reward is read at the last real token;
+    a critic uses every position."""
+    model = getattr(model, "module", model)
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask)).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real (attended) token of each row; right or left padding."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (pos * attention_mask.long()).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def ds_config(args, ctx, micro_batch_size: int = 1, grad_accum: int = 1, lr: float = 0.0) -> dict:
+    cuda = ctx.device.type == "cuda"
+    zero = {"stage": args.zero_stage}
+    if args.offload and args.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if args.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * ctx.world,
+        "gradient_clipping": args.max_grad_norm,
+        "bf16": {"enabled": cuda and args.bf16},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
+        # torch's AdamW: no 2-4 minute compile of DeepSpeed's fused/CPU Adam (except for offload on GPU, where the
+        # CPU Adam is much faster)
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                                                  "torch_adam": not (cuda and args.offload)}},
+        "steps_per_print": 10**9,
+    }
+
+
+def wrap_trainable(model, args, ctx, lr: float, micro_batch_size: int, grad_accum: int, total_steps: int):
+    """DeepSpeed engine with AdamW and the warmup (+ optional linear decay) schedule; `engine.step()` applies it
+    every `grad_accum` micro-batches."""
+    import deepspeed
+
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    def schedule(step):
+        warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0
+        decay = max(0.0, 1 - step / max(1, total_steps)) if args.lr_decay else 1.0
+        return warm * decay
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config(args, ctx, micro_batch_size, grad_accum, lr),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def wrap_frozen(model, args, ctx):
+    """A frozen model (reference, reward) for inference: sharded like the trainable ones under ZeRO-3."""
+    model.requires_grad_(False).eval()
+    if args.zero_stage == 3:
+        import deepspeed
+
+        cfg = ds_config(args, ctx)
+        cfg.pop("optimizer")
+        cfg["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        engine.eval()
+        return engine
+    return model.to(ctx.device)
+
+
+def gathered(model):
+    """Context manager giving full parameters under ZeRO-3 (for generation and export); a no-op otherwise."""
+    import contextlib
+
+    import deepspeed
+
+    params = [p for p in getattr(model, "module", model).parameters() if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def prepare_output_dir(args, ctx, script: str) -> Path:
+    """Resolve --output-dir; refuse one that holds files unless --overwrite (only a previous run) or --resume."""
+    if not args.output_dir:
+        if args.resume:
+            raise UserError("--resume needs --output-dir (the run to continue)")
+        stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+        args.output_dir = f"runs/{script}__{args.seed}__{stamp}"
+    out = Path(args.output_dir)
+    busy = out.exists() and any(out.iterdir())
+    if args.resume:
+        if not (out / "checkpoint" / "state.json").exists():
+            raise UserError(f"--resume: {out} has no checkpoint to continue from (runs save one with --save-every)")
+    elif busy and not args.overwrite:
+        raise UserError(f"--output-dir {out} already holds files; pass --overwrite to replace that run, --resume to "
+                        f"continue it, or choose another directory")
+    elif busy and not (out / "args.json").exists():
+        raise UserError(f"--output-dir {out} holds files that are not a run of this project; refusing to delete them")
+    dist.barrier()
+    if ctx.main:
+        if busy and args.overwrite and not args.resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    dist.barrier()
+    return out
+
+
+def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
+    """Save the full model (gathered under ZeRO-3) and tokenizer in HF format. Into a new directory through a
+    temporary name and a rename; into an existing run directory file by file, each replaced atomically."""
+    import deepspeed
+
+    model = getattr(model, "module", model)
+    state = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            if ctx.main:
+                state[name] = p.detach().cpu().clone()
+    if ctx.main:
+        path = Path(path)
+        tmp = path.parent / f".{path.name}.export.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.pad_token_id = tok.pad_token_id
+        for k, v in (config_updates or {}).items():
+            setattr(model.config, k, v)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.pad_token_id = None
+        tok.save_pretrained(tmp)
+        if path.exists():
+            for f in tmp.iterdir():
+                os.replace(f, path / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, path)
+    dist.barrier()
+
+
+def save_checkpoint(out: Path, engines: dict, state: dict, ctx):
+    """Resumable checkpoint: every engine (weights, optimizer, LR schedule), every rank's RNG state and the loop
+    state (step, running statistics...). Written to checkpoint.tmp, then renamed over checkpoint."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if ctx.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(tmp), tag=name)
+    torch.save(dist.rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
+    dist.barrier()
+    if ctx.main:
+        (tmp / "state.json").write_text(json.dumps(state))
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(out: Path, engines: dict, ctx) -> dict:
+    final = out / "checkpoint"
+    for name, engine in engines.items():
+        engine.load_checkpoint(str(final), tag=name)
+    rng = final / f"rng_rank{ctx.rank}.pt"
+    if not rng.exists():
+        raise UserError(f"--resume: {final} was written by a run with fewer ranks; resume with the same number")
+    dist.set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((final / "state.json").read_text())

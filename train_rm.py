@@ -1,0 +1,150 @@
+"""Reward model (step 2 of SFT -> RM -> RL): Bradley-Terry on preference pairs, score at the last real token.
+
+    python train_rm.py                                    # from the embedded SFT model, built-in addition pairs
+    deepspeed train_rm.py --model-path SFT_DIR --dataset pairs.jsonl --output-dir runs/rm
+
+Data: `prompt` + `chosen` + `rejected` columns, or `chosen` + `rejected` as two whole conversations that differ only
+in the last (assistant) message. An optional `--margin-column` gives a per-pair margin (Llama 2).
+
+The saved directory loads with `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`; its config
+carries `reward_mean` and `reward_std` (over train responses) for the RL scripts to normalise with.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared import data, dist, engine
+from shared.args import DataArgs, RunArgs
+from shared.tracking import Tracker
+
+
+@dataclass
+class Args(RunArgs, DataArgs):
+    model_path: str = engine.DEFAULT_SFT
+    """model to start from (usually the SFT model); a scalar score head is added on top"""
+    margin_column: str = ""
+    """column with a per-pair margin m in the loss -log sigmoid(r_chosen - r_rejected - m) (empty: no margin)"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 64
+    """global batch size in pairs"""
+    micro_batch_size: int = 64
+    """pairs per forward pass per rank (chosen and rejected go through one concatenated forward)"""
+    lr: float = 1e-3
+    """peak learning rate (AdamW)"""
+    eval_every: int = 0
+    """evaluate every N steps (0: only before and after training)"""
+    stats_examples: int = 1024
+    """train pairs used to measure the reward mean/std saved in the config"""
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None):
+    """-log sigmoid(r_chosen - r_rejected - margin), averaged over pairs. chosen, rejected, margin: (B,)."""
+    diff = chosen - rejected - (margin if margin is not None else 0.0)
+    return -F.logsigmoid(diff).mean()
+
+
+def score_pairs(model, pairs, pad_id, device):
+    """Scores (chosen (B,), rejected (B,)) in ONE forward over the concatenated batch, read at the last real token."""
+    ids, mask = (t.to(device) for t in data.pad([p["chosen_ids"] for p in pairs] +
+                                                [p["rejected_ids"] for p in pairs], pad_id))
+    scores = engine.token_scores(model, ids, mask).gather(1, engine.last_token_index(mask)[:, None]).squeeze(1)
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate(model, pairs, pad_id, args, ctx) -> dict:
+    """Held-out pair accuracy (r_chosen > r_rejected), loss and mean margin, over all ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # correct, loss sum, margin sum, count
+    for mb in data.micro_batches(pairs[ctx.rank:: ctx.world], args.micro_batch_size):
+        c, r = score_pairs(model, mb, pad_id, ctx.device)
+        totals += torch.tensor([(c > r).sum().item(), bradley_terry_loss(c, r).item() * len(mb),
+                                (c - r).sum().item(), len(mb)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    model.train()
+    n = totals[3].clamp(min=1)
+    return {"eval/accuracy": (totals[0] / n).item(), "eval/loss": (totals[1] / n).item(),
+            "eval/margin": (totals[2] / n).item()}
+
+
+@torch.no_grad()
+def reward_stats(model, pairs, pad_id, args, ctx) -> tuple[float, float]:
+    """Mean and std of the scores of chosen and rejected train responses (all ranks)."""
+    model.eval()
+    s = torch.zeros(3, dtype=torch.float64)
+    for mb in data.micro_batches(pairs[: args.stats_examples][ctx.rank:: ctx.world], args.micro_batch_size):
+        scores = torch.cat(score_pairs(model, mb, pad_id, ctx.device)).double().cpu()
+        s += torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
+    dist.all_reduce(s)
+    mean = s[0] / s[2]
+    return mean.item(), (s[1] / s[2] - mean**2).clamp(min=1e-12).sqrt().item()
+
+
+def main(args: Args):
+    ctx = dist.init(args.seed)
+    # 1. check flags and data before anything is written
+    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
+    say = print if ctx.main else (lambda *a: None)
+    tok = engine.load_tokenizer(args.model_path, args)
+    train_rows, eval_rows = data.train_eval_rows(args, "pair")
+    train = data.tokenize(train_rows, tok, "pair", args, "train", say)
+    evals = data.tokenize(eval_rows, tok, "pair", args, "eval", say) if eval_rows else []
+    margins = None
+    if args.margin_column:
+        if args.margin_column not in train_rows[0]:
+            raise dist.UserError(f"--margin-column '{args.margin_column}' not found; available columns: "
+                                 f"{sorted(train_rows[0])}")
+        margins = torch.tensor([float(r[args.margin_column]) for r in train_rows])
+        if len(margins) != len(train):
+            raise dist.UserError("--margin-column needs every pair kept: use --overlong truncate")
+
+    # 2. model, DeepSpeed engine, output directory, resume
+    model = engine.load_model(args.model_path, args, ctx, kind="score", seed=args.seed)
+    out = engine.prepare_output_dir(args, ctx, "train_rm")
+    model = engine.wrap_trainable(model, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
+    tracker = Tracker(args, out, ctx, "train_rm")
+    sampler = data.Sampler(len(train), args.seed)
+    step, before = 0, None
+    if args.resume:
+        state = engine.load_checkpoint(out, {"model": model}, ctx)
+        step, before = state["step"], state["before"]
+    if before is None:
+        before = evaluate(model, evals, tok.pad_token_id, args, ctx)
+        tracker.print(f"[train_rm] before: {before}")
+
+    # 3. train
+    while step < args.steps:
+        stats = torch.zeros(3)
+        for mb in data.micro_batches(sampler.rank_batch(step, args.batch_size, ctx), args.micro_batch_size):
+            chosen, rejected = score_pairs(model, [train[i] for i in mb], tok.pad_token_id, ctx.device)
+            loss = bradley_terry_loss(chosen, rejected, margins[mb].to(ctx.device) if margins is not None else None)
+            model.backward(loss)
+            model.step()
+            stats += torch.tensor([loss.item(), (chosen > rejected).float().mean().item(), 1.0])
+        step += 1
+        metrics = {"train/loss": stats[0] / stats[2], "train/accuracy": stats[1] / stats[2],
+                   "train/lr": model.get_lr()[0], "train/pairs_per_s": args.batch_size / max(1e-9, tracker.step_time())}
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            metrics.update(evaluate(model, evals, tok.pad_token_id, args, ctx))
+        tracker.log(step, metrics, show=("train/loss", "train/accuracy", "eval/accuracy"))
+        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
+            engine.save_checkpoint(out, {"model": model}, {"step": step, "before": before}, ctx)
+            if args.save_every and step % args.save_every == 0:
+                engine.export_hf(model, tok, out / f"step_{step}", ctx)
+        if step == args.stop_after:
+            tracker.print(f"[train_rm] stopped after step {step}; continue with --resume")
+            return
+
+    # 4. final eval, reward statistics, export
+    after = evaluate(model, evals, tok.pad_token_id, args, ctx)
+    mean, std = reward_stats(model, train, tok.pad_token_id, args, ctx)
+    engine.export_hf(model, tok, out, ctx, {"reward_mean": mean, "reward_std": std})
+    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world, "reward_mean": mean,
+                     "reward_std": std, "model_path": args.model_path, "dataset": args.dataset})
+    tracker.print(f"[train_rm] after: {after}\n[train_rm] reward mean {mean:.3f} std {std:.3f}; saved to {out}")
+
+
+if __name__ == "__main__":
+    dist.cli(main, Args)

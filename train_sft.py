@@ -1,0 +1,131 @@
+"""Supervised fine-tuning (step 1 of SFT -> RM -> RL): next-token NLL on the response tokens only.
+
+    python train_sft.py                                   # tiny default model on the built-in addition task
+    deepspeed train_sft.py --model-path MODEL --dataset data.jsonl --output-dir runs/sft
+    deepspeed --num_gpus 8 train_sft.py --model-path MODEL --dataset HUB_NAME --zero-stage 3 --bf16
+
+Data: `prompt` + `response` columns (strings or chat messages), or one `messages` column holding whole
+conversations (the last, assistant message is the response). The prompt is masked out of the loss; the response
+ends with exactly one EOS, which is trained on.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from shared import data, dist, engine, rollout, tasks
+from shared.args import DataArgs, RunArgs
+from shared.tracking import Tracker
+
+
+@dataclass
+class Args(RunArgs, DataArgs):
+    model_path: str = "tiny"
+    """model to fine-tune: a local HF directory, a hub name, or `tiny` (the tiny default Llama, built from scratch)"""
+    steps: int = 100
+    """optimizer steps"""
+    batch_size: int = 64
+    """global batch size (examples per optimizer step, all ranks together)"""
+    micro_batch_size: int = 64
+    """examples per forward pass per rank; batch_size / (micro_batch_size x ranks) gives gradient accumulation"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW)"""
+    eval_every: int = 0
+    """evaluate every N steps (0: only before and after training)"""
+    max_new_tokens: int = 8
+    """generation length for the greedy exact-match eval on a built-in task"""
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens of -log p(y_t | x, y_<t).
+    logits (B, L, V) predict input_ids shifted by one; response_mask (B, L) marks the tokens that count."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = response_mask[:, 1:].float()
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model, tok, eval_examples, eval_prompts, task, args, ctx) -> dict:
+    """Held-out NLL (token mean over all ranks) and, on a built-in task, greedy exact-match accuracy."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for mb in data.micro_batches(eval_examples[ctx.rank:: ctx.world], args.micro_batch_size):
+        batch = {k: v.to(ctx.device) for k, v in data.collate(
+            [e["input_ids"] for e in mb], [e["prompt_len"] for e in mb], tok.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n_tokens = batch["response_mask"][:, 1:].sum()
+        totals += torch.stack([sft_loss(logits, batch["input_ids"], batch["response_mask"]).double().cpu() * n_tokens.cpu(),
+                               n_tokens.double().cpu()])
+    dist.all_reduce(totals)
+    metrics = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
+    if task:
+        metrics["eval/accuracy"], samples = rollout.greedy_eval(model, tok, eval_prompts, task.reward, ctx,
+                                                                args.max_new_tokens)
+        metrics["eval/samples"] = samples
+    model.train()
+    return metrics
+
+
+def main(args: Args):
+    ctx = dist.init(args.seed)
+    # 1. check flags and data before anything is written
+    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
+    say = print if ctx.main else (lambda *a: None)
+    tok = engine.load_tokenizer(args.model_path, args)
+    train_rows, eval_rows = data.train_eval_rows(args, "sft")
+    train = data.tokenize(train_rows, tok, "sft", args, "train", say)
+    evals = data.tokenize(eval_rows, tok, "sft", args, "eval", say) if eval_rows else []
+    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
+    eval_prompts = data.tokenize(task.rows("prompt", "test"), tok, "prompt", args, "eval") if task else []
+
+    # 2. model, DeepSpeed engine, output directory, resume
+    model = engine.load_model(args.model_path, args, ctx, seed=args.seed)
+    out = engine.prepare_output_dir(args, ctx, "train_sft")
+    model = engine.wrap_trainable(model, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
+    tracker = Tracker(args, out, ctx, "train_sft")
+    sampler = data.Sampler(len(train), args.seed)
+    step, before = 0, None
+    if args.resume:
+        state = engine.load_checkpoint(out, {"model": model}, ctx)
+        step, before = state["step"], state["before"]
+        tracker.print(f"[train_sft] resumed at step {step}")
+    if before is None:
+        before = evaluate(model, tok, evals, eval_prompts, task, args, ctx)
+        tracker.print(f"[train_sft] before: {before}")
+
+    # 3. train
+    while step < args.steps:
+        losses, n_tokens = [], 0
+        for mb in data.micro_batches(sampler.rank_batch(step, args.batch_size, ctx), args.micro_batch_size):
+            batch = {k: v.to(ctx.device) for k, v in data.collate(
+                [train[i]["input_ids"] for i in mb], [train[i]["prompt_len"] for i in mb], tok.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
+            model.backward(loss)
+            model.step()
+            losses.append(loss.item())
+            n_tokens += int(batch["attention_mask"].sum())
+        step += 1
+        metrics = {"train/loss": sum(losses) / len(losses), "train/lr": model.get_lr()[0],
+                   "train/tokens_per_s": n_tokens * ctx.world / max(1e-9, tracker.step_time())}
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            metrics.update({k: v for k, v in evaluate(model, tok, evals, eval_prompts, task, args, ctx).items()
+                            if k != "eval/samples"})
+        tracker.log(step, metrics, show=("train/loss", "eval/loss", "eval/accuracy", "train/tokens_per_s"))
+        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
+            engine.save_checkpoint(out, {"model": model}, {"step": step, "before": before}, ctx)
+            if args.save_every and step % args.save_every == 0:
+                engine.export_hf(model, tok, out / f"step_{step}", ctx)
+        if step == args.stop_after:
+            tracker.print(f"[train_sft] stopped after step {step}; continue with --resume")
+            return
+
+    # 4. final eval and export
+    after = evaluate(model, tok, evals, eval_prompts, task, args, ctx)
+    engine.export_hf(model, tok, out, ctx)
+    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "model_path": args.model_path, "dataset": args.dataset, "train_examples": len(train)})
+    tracker.print(f"[train_sft] after: {after}\n[train_sft] saved to {out}")
+
+
+if __name__ == "__main__":
+    dist.cli(main, Args)
