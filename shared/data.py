@@ -6,6 +6,7 @@ the prompt's tokens (with the tokenizer's BOS, if it adds one) followed directly
 A conversation with no chat template is rendered as "role: content" lines followed by "assistant: ".
 Every response ends with exactly one EOS token (a trailing EOS in the data is not doubled).
 """
+import csv
 import os
 import random
 from pathlib import Path
@@ -35,6 +36,9 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
         if path.is_file():
             if path.suffix not in LOADERS:
                 raise UserError(f"dataset file {spec} has an unsupported extension; use one of {sorted(LOADERS)}")
+            if path.suffix == ".csv":  # every cell is text: "3" stays a string, as written
+                with open(path, newline="") as f:
+                    return list(csv.DictReader(f))
             ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
         elif path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -44,6 +48,9 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
                 ds = datasets.load_dataset(str(path), split=split)
         elif path.suffix in LOADERS or spec.startswith((".", "/", "~")):
             raise UserError(f"dataset file {spec} does not exist; check the path")
+        elif "/" not in spec:
+            raise UserError(f"unknown built-in task '{spec}' (built-in: {sorted(tasks.TASKS)}); for a hub dataset "
+                            f"give its full name, owner/name")
         else:
             ds = datasets.load_dataset(spec, split=split)
     except UserError:
@@ -129,6 +136,7 @@ def normalise(rows: list[dict], kind: str, args) -> list[dict]:
                     raise UserError(f"column '{args.label_column}' not found; available columns: {sorted(row)}. "
                                     f"Set --label-column")
                 label = row[args.label_column]
+                label = {"true": True, "false": False, "1": True, "0": False}.get(str(label).lower(), label)
                 if label not in (True, False, 0, 1):
                     raise UserError(f"row {i}, column '{args.label_column}': expected a bool, got {label!r}")
                 ex["label"] = bool(label)

@@ -19,11 +19,12 @@ TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_att
 
 
 def build_char_tokenizer():
-    """The committed default tokenizer (assets/tokenizer): one token per printable ASCII character, <pad>, <eos>."""
+    """The committed default tokenizer (assets/tokenizer): one token per printable ASCII character and newline,
+    plus <pad>, <eos>, <unk>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{chr(i): i - 29 for i in range(32, 127)}}
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "\n": 3, **{chr(i): i - 28 for i in range(32, 127)}}
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     t.decoder = decoders.Fuse()

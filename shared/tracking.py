@@ -25,7 +25,7 @@ class Tracker:
         elapsed = time.time() - self.start
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 2), **metrics}) + "\n")
-        line = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in show if k in metrics)
+        line = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={metrics[k]:.4g}" for k in show if k in metrics)
         print(f"[{self.script}] step {step} {line} ({elapsed:.0f}s)", flush=True)
         if self.wandb:
             self.wandb.log(metrics, step=step)
