@@ -1,0 +1,77 @@
+"""HF rollout backend: sampler log-probs vs a teacher-forced recomputation, masks and EOS flags."""
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from shared import rollout
+
+
+def reference_logprobs(model, prompt, response, temperature):
+    """Log-probs of `response` after `prompt`, one unpadded sequence at a time (no masks, no batching)."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def check_rollout(ro, prompts, n, eos_id, model=None, temperature=1.0):
+    for i in range(len(prompts) * n):
+        prompt = prompts[i // n]
+        ids = ro.input_ids[i].tolist()
+        assert ids[ro.prompt_len - len(prompt): ro.prompt_len] == prompt  # left-padded prompt
+        response = ids[ro.prompt_len:]
+        first_eos = response.index(eos_id) if eos_id in response else None
+        valid = len(response) if first_eos is None else first_eos + 1  # EOS included
+        assert ro.response_mask[i].tolist() == [True] * valid + [False] * (len(response) - valid)
+        assert bool(ro.eos[i]) == (first_eos is not None)
+        assert ro.attention_mask[i, ro.prompt_len:].tolist() == [1] * valid + [0] * (len(response) - valid)
+        if model is not None:
+            ref = reference_logprobs(model, prompt, response[:valid], temperature)
+            assert (ro.logprobs[i, :valid] - ref).abs().max() <= 1e-5
+            assert (ro.logprobs[i, valid:] == 0).all()
+
+
+PROMPTS = [[20, 21, 14], [22, 14, 23, 24, 30], [25]]
+
+
+@torch.no_grad()
+def test_sampler_logprobs_match_teacher_forcing_and_masks_are_right(tokenizer):
+    model = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    ro = rollout.generate(model, tokenizer, PROMPTS, n=8, temperature=0.7, top_p=0.9, max_new_tokens=12)
+    check_rollout(ro, PROMPTS, 8, tokenizer.eos_token_id, model, temperature=0.7)
+    recomputed = rollout.response_logprobs(model, ro.input_ids, ro.attention_mask, ro.prompt_len, 0.7)
+    assert ((recomputed - ro.logprobs) * ro.response_mask).abs().max() <= 1e-5
+    assert ro.prompt_index.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+@torch.no_grad()
+def test_early_stops_limits_and_pad_equal_eos(tokenizer, pad_is_eos):
+    tok = copy.deepcopy(tokenizer)
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    model = tiny_llama(len(tok), eos_token_id=tok.eos_token_id)
+    model.lm_head.weight.data *= 0.05  # a near-uniform sampler: some rows stop at EOS early, others hit the limit
+    torch.manual_seed(1)
+    ro = rollout.generate(model, tok, PROMPTS, n=48, temperature=1.0, max_new_tokens=24)
+    assert 0 < int(ro.eos.sum()) < len(ro.eos), "need both early stops and truncated rows"
+    check_rollout(ro, PROMPTS, 48, tok.eos_token_id, model)
+    for text, resp, mask in zip(ro.texts, ro.responses, ro.response_mask):
+        assert text == tok.decode(resp[mask], skip_special_tokens=True) and "<eos>" not in text
+
+
+def test_response_mask_against_hand_written_rows():
+    eos = 1
+    responses = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 1, 1, 1], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0]])
+    expected = [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert rollout.response_mask_from(responses, eos).long().tolist() == expected
+
+
+@torch.no_grad()
+def test_greedy_is_deterministic(tokenizer):
+    model = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    a = rollout.generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=6)
+    b = rollout.generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=6)
+    assert torch.equal(a.input_ids, b.input_ids)
