@@ -25,14 +25,18 @@ class Args(RunArgs, DataArgs):
     """model to start from (usually the SFT model); a scalar score head is added on top"""
     margin_column: str = ""
     """column with a per-pair margin m in the loss -log sigmoid(r_chosen - r_rejected - m) (empty: no margin)"""
-    steps: int = 300
+    steps: int = 1000
     """optimizer steps"""
     batch_size: int = 64
     """global batch size in pairs"""
     micro_batch_size: int = 64
     """pairs per forward pass per rank (chosen and rejected go through one concatenated forward)"""
-    lr: float = 1e-3
+    lr: float = 3e-4
     """peak learning rate (AdamW)"""
+    warmup_steps: int = 50
+    """linear learning-rate warmup steps"""
+    lr_decay: bool = True
+    """decay the learning rate linearly to 0 at the last step"""
     eval_every: int = 0
     """evaluate every N steps (0: only before and after training)"""
     stats_examples: int = 1024

@@ -21,14 +21,16 @@ from shared.tracking import Tracker
 class Args(RunArgs, DataArgs):
     model_path: str = "tiny"
     """model to fine-tune: a local HF directory, a hub name, or `tiny` (the tiny default Llama, built from scratch)"""
-    steps: int = 100
+    steps: int = 600
     """optimizer steps"""
     batch_size: int = 64
     """global batch size (examples per optimizer step, all ranks together)"""
     micro_batch_size: int = 64
     """examples per forward pass per rank; batch_size / (micro_batch_size x ranks) gives gradient accumulation"""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """peak learning rate (AdamW)"""
+    warmup_steps: int = 50
+    """linear learning-rate warmup steps"""
     eval_every: int = 0
     """evaluate every N steps (0: only before and after training)"""
     max_new_tokens: int = 8

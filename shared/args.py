@@ -51,7 +51,7 @@ class DataArgs:
     """held-out data (same forms as --dataset); default: the task's held-out split, or --eval-size rows split off"""
     eval_split: str = "test"
     """split of --eval-dataset to evaluate on (hub datasets and dataset directories)"""
-    eval_size: int = 256
+    eval_size: int = 500
     """held-out rows: how many to split off --dataset when there is no --eval-dataset, and the cap on eval rows"""
     prompt_column: str = "prompt"
     """column holding the prompt (a string, or a list of chat messages)"""
