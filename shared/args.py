@@ -69,3 +69,18 @@ class DataArgs:
     """maximum tokens of prompt + response"""
     overlong: str = "truncate"
     """what to do with longer examples: truncate (cut the end) or skip; the count is reported"""
+
+
+@dataclass
+class RewardArgs:
+    reward_fn: str = ""
+    """rule rewards: built-in task checkers or `module:function` (called with prompts=, responses= and the dataset's
+    extra columns as keyword lists; returns one float per response), comma-separated. Default: the task's checker"""
+    reward_path: str = ""
+    """a reward model directory (from train_rm.py, or any 1-label sequence classifier); scored at the last real token"""
+    reward_url: str = ""
+    """an HTTP endpoint: POST {"prompts", "responses", "extras"} -> {"rewards": [float, ...]}"""
+    reward_weights: str = ""
+    """comma-separated weights, in the order reward-path, reward-fn entries, reward-url (default: all 1)"""
+    reward_timeout: float = 30.0
+    """seconds to wait for --reward-url before a retry (2 retries)"""

@@ -85,10 +85,10 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce across ranks (a no-op with one rank); returns the tensor."""
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (op: sum, min or max) across ranks (a no-op with one rank); returns the tensor."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return t
 
 

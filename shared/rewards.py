@@ -83,3 +83,29 @@ def call_function(fn, prompts, responses, eos, extras) -> torch.Tensor:
     if len(out) != len(responses):
         raise UserError(f"the reward function returned {len(out)} rewards for {len(responses)} responses")
     return torch.tensor([float(x) for x in out])
+
+
+def build(args, ctx):
+    """The weighted sum of every reward source given by the flags. Returns fn(prompts, responses, eos, extras) ->
+    (total (N,), {source name: (N,) tensor})."""
+    sources = []
+    if args.reward_path:
+        sources.append(("rm", RewardModel(args.reward_path, args, ctx)))
+    for spec in filter(None, args.reward_fn.split(",")):
+        fn = load_function(spec.strip())
+        sources.append((spec.strip().split(":")[-1], lambda p, r, e, x, fn=fn: call_function(fn, p, r, e, x)))
+    if args.reward_url:
+        sources.append(("remote", RemoteReward(args.reward_url, args.reward_timeout)))
+    if not sources:
+        if args.dataset not in tasks.TASKS:
+            raise UserError("no reward: give --reward-fn, --reward-path or --reward-url")
+        sources.append((args.dataset, lambda p, r, e, x: call_function(tasks.get(args.dataset).reward, p, r, e, x)))
+    weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise UserError(f"--reward-weights has {len(weights)} values for {len(sources)} reward sources")
+
+    def total(prompts, responses, eos, extras):
+        parts = {name: src(prompts, responses, eos, extras).float() for name, src in sources}
+        return sum(w * p for w, p in zip(weights, parts.values())), parts
+
+    return total
