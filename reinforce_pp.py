@@ -1,0 +1,240 @@
+"""REINFORCE++ (Hu 2025, arXiv 2501.03262): REINFORCE with PPO's stabilisers and no critic.
+
+    python reinforce_pp.py                          # embedded SFT policy, built-in addition task, exact-match reward
+    deepspeed reinforce_pp.py --model-path SFT_DIR --dataset prompts.jsonl --reward-path RM_DIR
+    deepspeed reinforce_pp.py ... --baseline --n-samples 8          # REINFORCE++-baseline
+
+Token rewards r_t = -beta * KL_t (k1 = logp_t - ref_t) on every response token, plus the score s at the last real
+token; returns G_t = sum_{k>=t} gamma^(k-t) r_k; advantages = G_t whitened over ALL valid tokens of the GLOBAL batch
+(every rank); PPO-clipped token loss. --baseline first subtracts each prompt group's mean score (needs n > 1).
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from shared import data, dist, engine, rewards, rollout, tasks
+from shared.args import DataArgs, RewardArgs, RunArgs
+from shared.tracking import Tracker
+
+
+@dataclass
+class Args(RunArgs, DataArgs, RewardArgs):
+    model_path: str = engine.DEFAULT_SFT
+    """policy to start from (also the frozen reference)"""
+    steps: int = 60
+    """RL steps (each: sample, score, update)"""
+    prompts_per_step: int = 16
+    """prompts sampled per step, all ranks together"""
+    n_samples: int = 4
+    """responses per prompt"""
+    temperature: float = 1.0
+    """sampling temperature (the trainer's log-probs use the same temperature)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    max_new_tokens: int = 8
+    """response length limit"""
+    lr: float = 1e-4
+    """policy learning rate"""
+    beta: float = 0.01
+    """per-token KL penalty coefficient in the reward (k1 estimator); 0 loads no reference model"""
+    gamma: float = 1.0
+    """discount of the token returns"""
+    baseline: bool = False
+    """REINFORCE++-baseline: subtract each prompt group's mean score first (needs --n-samples > 1)"""
+    eps: float = 0.2
+    """clip range of the ratio"""
+    ppo_epochs: int = 1
+    """passes over each rollout batch"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward pass per rank"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every N steps"""
+
+
+# ---------------------------------------------------------------------------------------------- the math
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, beta: float):
+    """r_t = -beta * (logp_t - ref_t) on response tokens, plus the score at the last real token; (N, R)."""
+    rewards = -beta * (logprobs - ref_logprobs) * mask
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def discounted_returns(rewards, mask, gamma: float):
+    """G_t = sum_{k>=t} gamma^(k-t) r_k over the valid tokens of each row; (N, R)."""
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * mask[:, t]
+        returns[:, t] = running * mask[:, t]
+    return returns
+
+
+def global_whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / std over every valid token of the GLOBAL batch: sums are all-reduced across ranks."""
+    sums = dist.all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    mean = sums[0] / sums[1]
+    var = dist.all_reduce((((x - mean) ** 2) * mask).sum().double()) / sums[1]
+    return (((x - mean) / (var.sqrt() + eps)) * mask).to(x.dtype)
+
+
+def group_baseline(scores, n: int):
+    """s_i - mean of its prompt group (REINFORCE++-baseline)."""
+    groups = scores.view(-1, n)
+    return (groups - groups.mean(1, keepdim=True)).view(-1)
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps: float):
+    """Per-token PPO loss -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old); (N, R)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def check_args(args: Args, world: int):
+    if args.baseline and args.n_samples < 2:
+        raise dist.UserError("--baseline needs --n-samples >= 2: it subtracts each prompt group's mean score")
+    if args.prompts_per_step % world:
+        raise dist.UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} ranks")
+    rollout_per_rank = args.prompts_per_step * args.n_samples // world
+    if rollout_per_rank % args.num_minibatches:
+        raise dist.UserError("--num-minibatches must divide the samples per rank (prompts-per-step x n-samples / ranks)")
+    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args.micro_batch_size, 1,
+                                  "samples per minibatch per rank")
+
+
+def main(args: Args):
+    ctx = dist.init(args.seed)
+    # 1. check flags, data and rewards before anything is written
+    grad_accum = check_args(args, ctx.world)
+    say = print if ctx.main else (lambda *a: None)
+    tok = engine.load_tokenizer(args.model_path, args)
+    train_rows, eval_rows = data.train_eval_rows(args, "prompt")
+    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", say)
+    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", say) if eval_rows else []
+    reward_fn = rewards.build(args, ctx)
+    eval_fn = tasks.get(args.dataset).reward if args.dataset in tasks.TASKS else (
+        lambda prompts, responses, **x: reward_fn(prompts, responses, [True] * len(responses), x)[0])
+
+    # 2. models: policy (trained), reference (frozen; only with beta > 0)
+    policy = engine.load_model(args.model_path, args, ctx)
+    ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), args, ctx) if args.beta > 0 else None
+    out = engine.prepare_output_dir(args, ctx, "reinforce_pp")
+    total_updates = args.steps * args.ppo_epochs * args.num_minibatches
+    policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, total_updates)
+    tracker = Tracker(args, out, ctx, "reinforce_pp")
+    sampler = data.Sampler(len(prompts), args.seed)
+    step, before = 0, None
+    if args.resume:
+        state = engine.load_checkpoint(out, {"policy": policy}, ctx)
+        step, before = state["step"], state["before"]
+    if before is None:
+        before = {"eval/accuracy": rollout.greedy_eval(policy, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
+        tracker.print(f"[reinforce_pp] before: {before}")
+
+    while step < args.steps:
+        t0, timing, metrics = time.time(), {}, {}
+        # 3. sample n responses per prompt and score them
+        batch = [prompts[i] for i in sampler.rank_batch(step, args.prompts_per_step, ctx)]
+        t = time.time()
+        ro = rollout.generate(policy, tok, [p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
+                              args.top_p, args.max_new_tokens)
+        timing["generate"] = time.time() - t
+        t = time.time()
+        texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
+        extras = {k: [batch[i]["extras"][k] for i in ro.prompt_index.tolist()] for k in batch[0]["extras"]}
+        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras)
+        timing["score"] = time.time() - t
+        metrics["rollout/zero_std_groups_frac"] = (scores.view(-1, args.n_samples).std(1) == 0).float().mean().item() \
+            if args.n_samples > 1 else 0.0
+        if not torch.isfinite(scores).all():
+            raise RuntimeError(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
+
+        # 4. old and reference log-probs; token rewards, returns, globally whitened advantages
+        t = time.time()
+        mask = ro.response_mask.float()
+        with torch.no_grad():
+            chunks = data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)
+            old_logprobs = torch.cat([rollout.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb],
+                                                                ro.prompt_len, args.temperature) for mb in chunks])
+            ref_logprobs = torch.cat([rollout.response_logprobs(ref, ro.input_ids[mb], ro.attention_mask[mb],
+                                                                ro.prompt_len, args.temperature) for mb in chunks]) \
+                if ref is not None else old_logprobs
+        timing["forward"] = time.time() - t
+        scores_used = group_baseline(scores, args.n_samples) if args.baseline else scores
+        returns = discounted_returns(token_rewards(scores_used.to(ctx.device), old_logprobs, ref_logprobs, mask,
+                                                   args.beta), mask, args.gamma)
+        advantages = global_whiten(returns, mask)
+
+        # 5. PPO-clipped updates over minibatches
+        t = time.time()
+        stats = torch.zeros(7, dtype=torch.float64)
+        n_total = len(scores)
+        for _ in range(args.ppo_epochs):
+            for minibatch in torch.randperm(n_total).chunk(args.num_minibatches):
+                mb_tokens = dist.all_reduce(mask[minibatch].sum()).item()
+                for idx in data.micro_batches(minibatch, args.micro_batch_size):
+                    logprobs, entropy = rollout.response_logprobs(
+                        policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
+                    m = mask[idx]
+                    # share of the token mean over the minibatch (all ranks)
+                    per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps)
+                    loss = (per_token * m).sum() / mb_tokens * ctx.world
+                    # DeepSpeed divides by grad_accum and averages over ranks
+                    loss = loss * grad_accum
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
+                    policy.backward(loss)
+                    policy.step()
+                    ratio = torch.exp(logprobs.detach() - old_logprobs[idx])
+                    clipped = ((ratio - 1).abs() > args.eps).float()
+                    diff = (logprobs.detach() - ro.logprobs[idx]).abs() * m
+                    stats += torch.tensor([loss.item(), ((old_logprobs[idx] - ref_logprobs[idx]) * m).sum().item(),
+                                           (entropy * m).sum().item(), (clipped * m).sum().item(), m.sum().item(),
+                                           diff.sum().item(), diff.max().item()], dtype=torch.float64)
+                grad_norm = policy.get_global_grad_norm()
+                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                    raise RuntimeError(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
+                                       f"is intact)")
+        timing["train"] = time.time() - t
+        step += 1
+
+        # 6. log, evaluate, save
+        n_tok = max(stats[4].item(), 1)
+        metrics.update({
+            "rollout/reward": scores.mean().item(), "rollout/reward_std": scores.std().item(),
+            **{f"rollout/reward_{k}": v.mean().item() for k, v in parts.items() if len(parts) > 1},
+            "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
+            "rollout/truncated_frac": 1 - ro.eos.float().mean().item(), "policy/kl_ref": stats[1].item() / n_tok,
+            "policy/entropy": stats[2].item() / n_tok, "policy/clip_frac": stats[3].item() / n_tok,
+            "policy/logprob_diff_mean": stats[5].item() / n_tok, "policy/logprob_diff_max": stats[6].item(),
+            "loss/policy": stats[0].item(), "train/lr": policy.get_lr()[0],
+            "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
+            **{f"time/{k}": v for k, v in timing.items()}})
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            metrics["eval/accuracy"] = rollout.greedy_eval(policy, tok, eval_prompts, eval_fn, ctx,
+                                                           args.max_new_tokens)[0]
+        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/accuracy"))
+        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
+            engine.save_checkpoint(out, {"policy": policy}, {"step": step, "before": before}, ctx)
+            if args.save_every and step % args.save_every == 0:
+                engine.export_hf(policy, tok, out / f"step_{step}", ctx)
+        if step == args.stop_after:
+            tracker.print(f"[reinforce_pp] stopped after step {step}; continue with --resume")
+            return
+
+    # 7. final eval and export
+    after = {"eval/accuracy": rollout.greedy_eval(policy, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
+    engine.export_hf(policy, tok, out, ctx)
+    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "model_path": args.model_path, "dataset": args.dataset})
+    tracker.print(f"[reinforce_pp] after: {after}\n[reinforce_pp] saved to {out}")
+
+
+if __name__ == "__main__":
+    dist.cli(main, Args)
