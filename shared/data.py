@@ -7,6 +7,7 @@ A conversation with no chat template is rendered as "role: content" lines follow
 Every response ends with exactly one EOS token (a trailing EOS in the data is not doubled).
 """
 import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -39,6 +40,8 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
             if path.suffix == ".csv":  # every cell is text: "3" stays a string, as written
                 with open(path, newline="") as f:
                     return list(csv.DictReader(f))
+            if path.suffix in (".json", ".jsonl"):  # read as written: no type coercion across rows
+                return _read_json(path)
             ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
         elif path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -60,6 +63,27 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
         raise UserError(f"could not load dataset '{spec}' (split '{split}'): {msg}. Built-in tasks: "
                         f"{sorted(tasks.TASKS)}; local json/jsonl/parquet/csv files and directories also work") from None
     return ds.to_list()
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = path.read_text()
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix the file") from None
+    if rows is None:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or drop that line") from None
+    if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
+        rows = next(iter(rows.values()))  # {"data": [...]}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path} must hold a list of objects (one per row), or one object per line in .jsonl")
+    return rows
 
 
 def train_eval_rows(args, kind: str) -> tuple[list[dict], list[dict]]:

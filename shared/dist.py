@@ -21,8 +21,17 @@ def cli(main, args_cls):
     try:
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finish()
+
+
+def finish():
+    """Leave the process group cleanly (a rank exiting while another is still in gloo aborts it)."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 @dataclass

@@ -155,3 +155,10 @@ def test_left_and_right_padding():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = data.pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and torch.equal(mask, torch.tensor([[1, 1, 1], [1, 0, 0]]))
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", \n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        data.load_table(str(path), "train", "sft")
