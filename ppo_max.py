@@ -1,0 +1,432 @@
+"""PPO-max (Zheng et al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO", arXiv 2307.04964): PPO with a
+critic and the paper's full set of stabilising tricks, each its own flag; `--preset vanilla` turns them all off
+(plain PPO with a KL penalty), so the paper's ablation is one flag.
+
+    python ppo_max.py                              # embedded SFT policy and reward model, built-in addition task
+    deepspeed ppo_max.py --model-path SFT_DIR --reward-path RM_DIR --dataset prompts.jsonl
+    deepspeed --num_gpus 8 ppo_max.py ... --zero-stage 3 --offload-frozen
+    python ppo_max.py --preset vanilla             # the ablation baseline
+
+Models: policy (trained, from --model-path), reference (frozen copy of the initial policy), reward model (frozen,
+--reward-path), critic (trained; initialised FROM THE REWARD MODEL, its value head starting as the RM's score head).
+Each step: 1. sample, 2. score, 3. old/ref log-probs and values, 4. normalise and clip the score with running
+moments, 5. token-level KL penalty (k1) with the score at the last real token, 6. GAE, 7. whiten advantages,
+8. PPO epochs over minibatches (clipped policy loss, clipped value loss, PPO-ptx), 9. critic-only warmup, 10. log.
+
+Where the released MOSS-RLHF code differs from the paper, the flag docstring says so; we follow the paper.
+"""
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+from shared import data, dist, engine, rewards, rollout, tasks
+from shared.args import DataArgs, RewardArgs, RunArgs
+from shared.tracking import Tracker
+
+
+@dataclass
+class Args(RunArgs, DataArgs, RewardArgs):
+    model_path: str = engine.DEFAULT_SFT
+    """policy to start from (also the frozen reference)"""
+    reward_path: str = engine.DEFAULT_RM
+    """reward model (from train_rm.py); the critic starts from it unless --critic-path is given"""
+    critic_path: str = ""
+    """critic initialisation (default: the reward model, as the paper does)"""
+    preset: str = "ppo-max"
+    """ppo-max: every trick at the paper's value; vanilla: all tricks off (plain PPO + KL penalty). Explicit trick
+    flags override the preset"""
+    # --- PPO-max tricks (None = take the preset's value; the ppo-max value is given first) ---
+    reward_norm: str | None = None
+    """ppo-max: normalize, (s - running mean) / running std (Sec. 5.3.1, all-reduced across ranks); scale: s / running
+    std (what the released code did); none (vanilla)"""
+    reward_clip: float | None = None
+    """ppo-max: 5.0, clip the normalised score to [-c, c] (Sec. 5.3.1); vanilla: 0 (off)"""
+    whiten_advantages: bool | None = None
+    """ppo-max: True, advantages whitened over all valid tokens of the global batch (Sec. 5.3.1; the paper notes it
+    overlaps with reward normalisation, we keep both on as the released code did); vanilla: False"""
+    value_clip: float | None = None
+    """ppo-max: 0.2, clipped value loss 0.5 max((V-R)^2, (V_clip-R)^2) (Sec. 5.3.2); vanilla: 0 (unclipped)"""
+    critic_init: str | None = None
+    """ppo-max: reward, critic from the reward model (Sec. 5.3.3); vanilla: policy (the SFT model plus a fresh head)"""
+    critic_warmup_steps: int | None = None
+    """ppo-max: 5, only the critic learns during the first steps (Sec. 5.3.3; NOT in the released code); vanilla: 0"""
+    ptx_coef: float | None = None
+    """ppo-max: 0.05, PPO-ptx: add coef x SFT NLL on --ptx-dataset (Sec. 5.3.3; the released run had it off);
+    vanilla: 0"""
+    global_grad_clip: float | None = None
+    """ppo-max: 1.0, global gradient-norm clipping of policy and critic (Sec. 5.3.2); vanilla: 0 (off)"""
+    # --- PPO ---
+    kl_coef: float = 0.05
+    """beta of the token-level KL penalty r_t = -beta (logp_t - ref_t) (k1)"""
+    target_kl: float = 0.0
+    """adaptive KL controller (Ziegler et al. 2019): steer beta so the KL stays near this (0: fixed beta)"""
+    truncated_penalty: float = 0.0
+    """added to the score of a response that hit --max-new-tokens without EOS (e.g. -1)"""
+    gamma: float = 1.0
+    """GAE discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    eps: float = 0.2
+    """policy ratio clip range"""
+    ptx_dataset: str = ""
+    """SFT data for PPO-ptx (same forms as --dataset; default: the built-in task's SFT split)"""
+    steps: int = 100
+    """RL steps (each: sample, score, update)"""
+    prompts_per_step: int = 16
+    """prompts sampled per step, all ranks together"""
+    n_samples: int = 4
+    """responses per prompt"""
+    temperature: float = 1.0
+    """sampling temperature (paper: 0.8; 1.0 suits the tiny default task)"""
+    top_p: float = 1.0
+    """nucleus sampling (paper: 0.9)"""
+    max_new_tokens: int = 8
+    """response length limit"""
+    lr: float = 5e-5
+    """policy learning rate"""
+    critic_lr: float = 1e-4
+    """critic learning rate"""
+    ppo_epochs: int = 2
+    """passes over each rollout batch"""
+    num_minibatches: int = 2
+    """optimizer steps per epoch"""
+    micro_batch_size: int = 32
+    """sequences per forward/backward pass per rank"""
+    offload_frozen: bool = False
+    """keep the frozen models' parameters on CPU (ZeRO-3 offload) to save GPU memory"""
+    save_critic: bool = False
+    """also export the critic to <output-dir>/critic"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every N steps"""
+
+
+PRESETS = {
+    "ppo-max": dict(reward_norm="normalize", reward_clip=5.0, whiten_advantages=True, value_clip=0.2,
+                    critic_init="reward", critic_warmup_steps=5, ptx_coef=0.05, global_grad_clip=1.0),
+    "vanilla": dict(reward_norm="none", reward_clip=0.0, whiten_advantages=False, value_clip=0.0,
+                    critic_init="policy", critic_warmup_steps=0, ptx_coef=0.0, global_grad_clip=0.0),
+}
+
+
+def resolve_preset(args: Args) -> Args:
+    """Fill every trick left unset (None) from --preset."""
+    if args.preset not in PRESETS:
+        raise dist.UserError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset}")
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.reward_norm not in ("normalize", "scale", "none"):
+        raise dist.UserError(f"--reward-norm must be normalize, scale or none, got {args.reward_norm}")
+    if args.critic_init not in ("reward", "policy"):
+        raise dist.UserError(f"--critic-init must be reward or policy, got {args.critic_init}")
+    args.max_grad_norm = args.global_grad_clip  # DeepSpeed clips by the global norm, per model
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- the math
+
+
+class RunningMoments:
+    """Mean and (population) variance of every score seen so far, merged batch by batch (Chan et al.) with the
+    batch's sums all-reduced over ranks, so every rank holds the same statistics."""
+
+    def __init__(self):
+        self.count, self.mean, self.var = 0.0, 0.0, 1.0
+
+    def update(self, x: torch.Tensor):
+        s = dist.all_reduce(torch.tensor([x.numel(), x.sum().item(), (x.double() ** 2).sum().item()],
+                                         dtype=torch.float64))
+        n, mean = s[0].item(), (s[1] / s[0]).item()
+        var = max(s[2].item() / n - mean**2, 0.0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.var = (self.count * self.var + n * var + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-12) ** 0.5
+
+
+def normalise_scores(scores, moments: RunningMoments, mode: str, clip: float):
+    """normalize: (s - mu) / sigma; scale: s / sigma; none: s; then clip to [-clip, clip] if clip > 0."""
+    if mode == "normalize":
+        scores = (scores - moments.mean) / moments.std
+    elif mode == "scale":
+        scores = scores / moments.std
+    return scores.clamp(-clip, clip) if clip > 0 else scores
+
+
+def shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
+    """r_t = -beta (logp_t - ref_t) on every response token, plus the score at the last real token; (N, R)."""
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """delta_t = r_t + gamma V_{t+1} - V_t (V after the last valid token is 0); A_t = sum_k (gamma lam)^k delta_{t+k};
+    returns R_t = A_t + V_t. All (N, R); 0 outside the mask."""
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_valid = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_valid if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * next_valid
+        advantages[:, t] = last * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / std over every valid token of the GLOBAL batch (sums all-reduced across ranks)."""
+    sums = dist.all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    mean = sums[0] / sums[1]
+    var = dist.all_reduce((((x - mean) ** 2) * mask).sum().double()) / sums[1]
+    return (((x - mean) / (var.sqrt() + eps)) * mask).to(x.dtype)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float):
+    """-min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old), averaged over valid tokens."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    """0.5 max((V - R)^2, (V_clip - R)^2) with V_clip = V_old + clip(V - V_old, -c, c); 0.5 (V - R)^2 if c == 0;
+    averaged over valid tokens."""
+    loss = (values - returns) ** 2
+    if clip > 0:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sft_nll(logits, input_ids, response_mask):
+    """PPO-ptx term: mean NLL of the SFT response tokens."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = response_mask[:, 1:].float()
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+class AdaptiveKL:
+    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al. 2019)."""
+
+    def __init__(self, beta: float, target: float, horizon: int = 10000):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int):
+        if self.target > 0:
+            self.beta *= 1 + max(-0.2, min(0.2, kl / self.target - 1)) * n / self.horizon
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def check_args(args: Args, world: int):
+    if args.prompts_per_step % world:
+        raise dist.UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} ranks")
+    rollout_per_rank = args.prompts_per_step * args.n_samples // world
+    if rollout_per_rank % args.num_minibatches:
+        raise dist.UserError("--num-minibatches must divide the samples per rank (prompts-per-step x n-samples / ranks)")
+    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args.micro_batch_size, 1,
+                                  "samples per minibatch per rank")
+
+
+def chunked(fn, ro, micro: int):
+    """Apply fn(input_ids, attention_mask) over micro-batches of a rollout and concatenate."""
+    return torch.cat([fn(ro.input_ids[mb], ro.attention_mask[mb])
+                      for mb in data.micro_batches(torch.arange(len(ro.input_ids)), micro)])
+
+
+def main(args: Args):
+    ctx = dist.init(args.seed)
+    # 1. check flags, data and rewards before anything is written
+    resolve_preset(args)
+    grad_accum = check_args(args, ctx.world)
+    say = print if ctx.main else (lambda *a: None)
+    tok = engine.load_tokenizer(args.model_path, args)
+    train_rows, eval_rows = data.train_eval_rows(args, "prompt")
+    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", say)
+    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", say) if eval_rows else []
+    ptx = []
+    if args.ptx_coef > 0:
+        ptx_spec = args.ptx_dataset or (args.dataset if args.dataset in tasks.TASKS else "")
+        if not ptx_spec:
+            raise dist.UserError("--ptx-coef > 0 needs --ptx-dataset (SFT data), or set --ptx-coef 0")
+        ptx = data.tokenize(data.load_table(ptx_spec, "train", "sft"), tok, "sft", args, "ptx", say)
+    frozen_args = args if not args.offload_frozen else type(args)(**{**vars(args), "offload": True})
+    reward_fn = rewards.build(frozen_args, ctx)
+    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
+
+    # 2. models: policy and critic (trained), reference and reward model (frozen)
+    policy = engine.load_model(args.model_path, args, ctx)
+    ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), frozen_args, ctx)
+    critic_path = args.critic_path or (args.reward_path if args.critic_init == "reward" else args.model_path)
+    critic = engine.load_model(critic_path, args, ctx, kind="score", flag="--critic-path", seed=args.seed)
+    out = engine.prepare_output_dir(args, ctx, "ppo_max")
+    updates = args.steps * args.ppo_epochs * args.num_minibatches
+    policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, updates)
+    critic = engine.wrap_trainable(critic, args, ctx, args.critic_lr, args.micro_batch_size, grad_accum, updates)
+    tracker = Tracker(args, out, ctx, "ppo_max")
+    sampler = data.Sampler(len(prompts), args.seed)
+    ptx_sampler = data.Sampler(max(1, len(ptx)), args.seed + 1)
+    moments, kl_ctl = RunningMoments(), AdaptiveKL(args.kl_coef, args.target_kl)
+    step, before = 0, None
+    if args.resume:
+        state = engine.load_checkpoint(out, {"policy": policy, "critic": critic}, ctx)
+        step, before, kl_ctl.beta = state["step"], state["before"], state["kl_coef"]
+        moments.count, moments.mean, moments.var = state["moments"]
+
+    def evaluate():
+        """Greedy responses to held-out prompts: mean reward-model score and, on a built-in task, exact match."""
+        scores = []
+
+        def score_fn(prompts, responses, **extras):
+            total = reward_fn(prompts, responses, [True] * len(responses), extras)[0]
+            scores.append(total)
+            return task.reward(prompts, responses, **extras) if task else total
+
+        acc = rollout.greedy_eval(policy, tok, eval_prompts, score_fn, ctx, args.max_new_tokens)[0]
+        mean_score = dist.all_reduce(torch.tensor([torch.cat(scores).sum().item(), sum(map(len, scores))],
+                                                  dtype=torch.float64)) if scores else torch.tensor([0.0, 1.0])
+        return {"eval/accuracy" if task else "eval/reward": acc, "eval/rm_score": (mean_score[0] / mean_score[1]).item()}
+
+    if before is None:
+        before = evaluate()
+        tracker.print(f"[ppo_max] before: {before}")
+
+    while step < args.steps:
+        t0, timing, metrics = time.time(), {}, {}
+        # 1. sample responses
+        batch = [prompts[i] for i in sampler.rank_batch(step, args.prompts_per_step, ctx)]
+        t = time.time()
+        ro = rollout.generate(policy, tok, [p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
+                              args.top_p, args.max_new_tokens)
+        timing["generate"] = time.time() - t
+        # 2. score with the reward model (and any other reward source)
+        t = time.time()
+        texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
+        extras = {k: [batch[i]["extras"][k] for i in ro.prompt_index.tolist()] for k in batch[0]["extras"]}
+        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras)
+        scores = scores + args.truncated_penalty * (~ro.eos).float().cpu()
+        timing["score"] = time.time() - t
+        if not torch.isfinite(scores).all():
+            raise RuntimeError(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
+
+        # 3. old log-probs, reference log-probs and values: one forward each, micro-batched
+        t = time.time()
+        mask = ro.response_mask.float()
+        p_len = ro.prompt_len
+        with torch.no_grad():
+            old_logprobs = chunked(lambda i, a: rollout.response_logprobs(policy, i, a, p_len, args.temperature), ro,
+                                   args.micro_batch_size)
+            ref_logprobs = chunked(lambda i, a: rollout.response_logprobs(ref, i, a, p_len, args.temperature), ro,
+                                   args.micro_batch_size)
+            old_values = chunked(lambda i, a: engine.token_scores(critic, i, a)[:, p_len - 1: -1], ro,
+                                 args.micro_batch_size) * mask
+        timing["forward"] = time.time() - t
+
+        # 4. normalise and clip the score with running moments; 5. KL penalty; 6. GAE; 7. whitening
+        moments.update(scores)
+        norm_scores = normalise_scores(scores, moments, args.reward_norm, args.reward_clip).to(ctx.device)
+        token_rewards = shaped_rewards(norm_scores, old_logprobs, ref_logprobs, mask, kl_ctl.beta)
+        advantages, returns = gae(token_rewards, old_values, mask, args.gamma, args.lam)
+        if args.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        # 8. PPO epochs over minibatches; 9. during critic warmup only the critic learns
+        t = time.time()
+        train_policy = step >= args.critic_warmup_steps
+        stats = torch.zeros(9, dtype=torch.float64)
+        n_updates = 0
+        for _ in range(args.ppo_epochs):
+            for minibatch in torch.randperm(len(scores)).chunk(args.num_minibatches):
+                for idx in data.micro_batches(minibatch, args.micro_batch_size):
+                    m, ids, attn = mask[idx], ro.input_ids[idx], ro.attention_mask[idx]
+                    values = engine.token_scores(critic, ids, attn)[:, p_len - 1: -1]
+                    v_loss = value_loss(values, old_values[idx], returns[idx], m, args.value_clip)
+                    critic.backward(v_loss)
+                    critic.step()
+                    logprobs, entropy = rollout.response_logprobs(policy, ids, attn, p_len, args.temperature, True)
+                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, args.eps)
+                    ptx_loss = torch.zeros((), device=ctx.device)
+                    if ptx and train_policy:
+                        pick = ptx_sampler.global_batch(step * 10_000 + n_updates, len(idx))
+                        b = {k: v.to(ctx.device) for k, v in data.collate(
+                            [ptx[i]["input_ids"] for i in pick], [ptx[i]["prompt_len"] for i in pick],
+                            tok.pad_token_id).items()}
+                        logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                        ptx_loss = sft_nll(logits, b["input_ids"], b["response_mask"])
+                    loss = pg_loss + args.ptx_coef * ptx_loss
+                    for name, value in (("policy loss", loss), ("value loss", v_loss)):
+                        if not torch.isfinite(value):
+                            raise RuntimeError(f"non-finite {name} at step {step + 1}; stopping (the last checkpoint "
+                                               f"is intact)")
+                    if train_policy:
+                        policy.backward(loss)
+                        policy.step()
+                    n_updates += 1
+                    with torch.no_grad():
+                        ratio = torch.exp(logprobs - old_logprobs[idx])
+                        diff = (logprobs - ro.logprobs[idx]).abs() * m
+                        stats += torch.tensor([
+                            pg_loss.item(), v_loss.item(), ptx_loss.item(),
+                            (((ratio - 1).abs() > args.eps).float() * m).sum().item(),
+                            ((old_logprobs[idx] - logprobs) * m).sum().item(), (entropy * m).sum().item(),
+                            m.sum().item(), diff.sum().item(), diff.max().item()], dtype=torch.float64)
+                for name, model in (("policy", policy), ("critic", critic)):
+                    norm = model.get_global_grad_norm()
+                    if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                        raise RuntimeError(f"non-finite {name} gradient norm at step {step + 1}; stopping (the last "
+                                           f"checkpoint is intact)")
+        timing["train"] = time.time() - t
+        step += 1
+
+        # 10. log, evaluate, save
+        n_tok = max(stats[6].item(), 1)
+        kl_ref = (((old_logprobs - ref_logprobs) * mask).sum() / mask.sum()).item()
+        kl_ctl.update(kl_ref, args.prompts_per_step * args.n_samples)
+        residual = ((returns - old_values) * mask)[mask.bool()]
+        explained_var = 1 - residual.var().item() / max(returns[mask.bool()].var().item(), 1e-12)
+        metrics.update({
+            "rollout/reward": scores.mean().item(), "rollout/reward_normalized": norm_scores.mean().item(),
+            **{f"rollout/reward_{k}": v.mean().item() for k, v in parts.items() if len(parts) > 1},
+            "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
+            "rollout/truncated_frac": 1 - ro.eos.float().mean().item(), "policy/kl_ref": kl_ref,
+            "policy/entropy": stats[5].item() / n_tok, "policy/clip_frac": stats[3].item() / n_tok,
+            "policy/approx_kl": stats[4].item() / n_tok, "policy/logprob_diff_mean": stats[7].item() / n_tok,
+            "policy/logprob_diff_max": stats[8].item(), "loss/policy": stats[0].item() / max(1, n_updates),
+            "loss/value": stats[1].item() / max(1, n_updates), "loss/ptx": stats[2].item() / max(1, n_updates),
+            "critic/explained_variance": explained_var, "train/kl_coef": kl_ctl.beta, "train/lr": policy.get_lr()[0],
+            "train/critic_lr": critic.get_lr()[0], "train/policy_updated": float(train_policy),
+            "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
+            **{f"time/{k}": v for k, v in timing.items()}})
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            metrics.update(evaluate())
+        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "loss/value", "eval/accuracy"))
+        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
+            state = {"step": step, "before": before, "kl_coef": kl_ctl.beta,
+                     "moments": [moments.count, moments.mean, moments.var]}
+            engine.save_checkpoint(out, {"policy": policy, "critic": critic}, state, ctx)
+            if args.save_every and step % args.save_every == 0:
+                engine.export_hf(policy, tok, out / f"step_{step}", ctx)
+        if step == args.stop_after:
+            tracker.print(f"[ppo_max] stopped after step {step}; continue with --resume")
+            return
+
+    # final eval and export
+    after = evaluate()
+    engine.export_hf(policy, tok, out, ctx)
+    if args.save_critic:
+        engine.export_hf(critic, tok, out / "critic", ctx)
+    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "model_path": args.model_path, "reward_path": args.reward_path, "dataset": args.dataset,
+                     "resolved": {f.name: getattr(args, f.name) for f in fields(args) if f.name in PRESETS["ppo-max"]}})
+    tracker.print(f"[ppo_max] after: {after}\n[ppo_max] saved to {out}")
+
+
+if __name__ == "__main__":
+    dist.cli(main, Args)
