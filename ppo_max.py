@@ -71,7 +71,7 @@ class Args(RunArgs, DataArgs, RewardArgs):
     """policy ratio clip range"""
     ptx_dataset: str = ""
     """SFT data for PPO-ptx (same forms as --dataset; default: the built-in task's SFT split)"""
-    steps: int = 100
+    steps: int = 60
     """RL steps (each: sample, score, update)"""
     prompts_per_step: int = 16
     """prompts sampled per step, all ranks together"""
@@ -83,7 +83,7 @@ class Args(RunArgs, DataArgs, RewardArgs):
     """nucleus sampling (paper: 0.9)"""
     max_new_tokens: int = 8
     """response length limit"""
-    lr: float = 5e-5
+    lr: float = 3e-5
     """policy learning rate"""
     critic_lr: float = 1e-4
     """critic learning rate"""
