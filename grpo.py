@@ -178,7 +178,7 @@ def main(args: Args):
             kept = [(ro, scores, parts, g) for g in range(len(batch))]
         ro, scores, parts = merge_groups(kept, args.n_samples, tok.pad_token_id)
         if not torch.isfinite(scores).all():
-            raise RuntimeError(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
+            raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
 
         # 4. advantages within each group; reference log-probs for the KL term
         t = time.time()
@@ -213,7 +213,7 @@ def main(args: Args):
                     # DeepSpeed divides by grad_accum and averages over ranks; the shares above already sum to 1
                     loss = (pg_loss + args.beta * kl_loss) * grad_accum * ctx.world
                     if not torch.isfinite(loss):
-                        raise RuntimeError(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
+                        raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
                     policy.backward(loss)
                     policy.step()
                     m = mask.float()
@@ -227,7 +227,7 @@ def main(args: Args):
                                           dtype=torch.float64)
                 grad_norm = policy.get_global_grad_norm()
                 if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    raise RuntimeError(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
+                    raise dist.Diverged(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
                                        f"is intact)")
         timing["train"] = time.time() - t
         step += 1

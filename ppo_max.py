@@ -265,6 +265,9 @@ def main(args: Args):
     policy = engine.load_model(args.model_path, args, ctx)
     ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), frozen_args, ctx)
     critic_path = args.critic_path or (args.reward_path if args.critic_init == "reward" else args.model_path)
+    if not critic_path:
+        raise dist.UserError("the critic starts from the reward model (--critic-init reward) but there is no "
+                             "--reward-path; give --critic-path, or --critic-init policy")
     critic = engine.load_model(critic_path, args, ctx, kind="score", flag="--critic-path", seed=args.seed)
     out = engine.prepare_output_dir(args, ctx, "ppo_max")
     updates = args.steps * args.ppo_epochs * args.num_minibatches
@@ -314,7 +317,7 @@ def main(args: Args):
         scores = scores + args.truncated_penalty * (~ro.eos).float().cpu()
         timing["score"] = time.time() - t
         if not torch.isfinite(scores).all():
-            raise RuntimeError(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
+            raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
 
         # 3. old log-probs, reference log-probs and values: one forward each, micro-batched
         t = time.time()
@@ -363,7 +366,7 @@ def main(args: Args):
                     loss = pg_loss + args.ptx_coef * ptx_loss
                     for name, value in (("policy loss", loss), ("value loss", v_loss)):
                         if not torch.isfinite(value):
-                            raise RuntimeError(f"non-finite {name} at step {step + 1}; stopping (the last checkpoint "
+                            raise dist.Diverged(f"non-finite {name} at step {step + 1}; stopping (the last checkpoint "
                                                f"is intact)")
                     if train_policy:
                         policy.backward(loss)
@@ -380,7 +383,7 @@ def main(args: Args):
                 for name, model in (("policy", policy), ("critic", critic)):
                     norm = model.get_global_grad_norm()
                     if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                        raise RuntimeError(f"non-finite {name} gradient norm at step {step + 1}; stopping (the last "
+                        raise dist.Diverged(f"non-finite {name} gradient norm at step {step + 1}; stopping (the last "
                                            f"checkpoint is intact)")
         timing["train"] = time.time() - t
         step += 1

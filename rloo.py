@@ -147,7 +147,7 @@ def main(args: Args):
         timing["score"] = time.time() - t
         metrics["rollout/zero_std_groups_frac"] = (scores.view(-1, args.n_samples).std(1) == 0).float().mean().item()
         if not torch.isfinite(scores).all():
-            raise RuntimeError(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
+            raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
 
         # 4. old and reference log-probs; KL-penalised scores; leave-one-out advantages
         t = time.time()
@@ -184,7 +184,7 @@ def main(args: Args):
                     # DeepSpeed divides by grad_accum and averages over ranks
                     loss = loss * grad_accum
                     if not torch.isfinite(loss):
-                        raise RuntimeError(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
+                        raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
                     policy.backward(loss)
                     policy.step()
                     ratio = torch.exp(logprobs.detach() - old_logprobs[idx])
@@ -195,7 +195,7 @@ def main(args: Args):
                                            diff.sum().item(), diff.max().item()], dtype=torch.float64)
                 grad_norm = policy.get_global_grad_norm()
                 if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    raise RuntimeError(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
+                    raise dist.Diverged(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
                                        f"is intact)")
         timing["train"] = time.time() - t
         step += 1

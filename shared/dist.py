@@ -13,6 +13,10 @@ class UserError(Exception):
     """A problem the user can fix (a path, a column, a flag); printed as one line, exit code 2."""
 
 
+class Diverged(RuntimeError):
+    """A NaN or inf in a reward, loss or gradient: the run stops (exit code 3); checkpoints already written stay."""
+
+
 def cli(main, args_cls):
     """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2."""
     import tyro
@@ -20,17 +24,29 @@ def cli(main, args_cls):
     args = tyro.cli(args_cls)
     try:
         main(args)
-    except UserError as e:
+    except (UserError, Diverged) as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+            print(f"{'error' if isinstance(e, UserError) else 'stopped'}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, UserError) else 3)
     finish()
+
+
+_finish_hooks = []
+
+
+def at_finish(fn):
+    """Run fn() in `finish`, after the last barrier and before the process group goes (a vLLM engine shuts down
+    there: it destroys its groups and the default one itself)."""
+    _finish_hooks.append(fn)
 
 
 def finish():
     """Leave the process group cleanly (a rank exiting while another is still in gloo aborts it)."""
     if dist.is_initialized():
         barrier()
+    while _finish_hooks:
+        _finish_hooks.pop()()
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -2,6 +2,8 @@
 `module:function`, or an HTTP endpoint. Each maps (prompts, responses, eos, extras) to one float per response."""
 import importlib
 import json
+import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -44,10 +46,12 @@ def load_function(spec: str):
     module, _, name = spec.partition(":")
     if not name:
         raise UserError(f"--reward-fn {spec}: give a built-in task ({sorted(tasks.TASKS)}) or module:function")
+    if os.getcwd() not in sys.path:  # `module:function` is looked up from where the user runs the script
+        sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"--reward-fn {spec}: cannot import it ({e}); run from the directory that holds the module") from None
+        raise UserError(f"--reward-fn {spec}: cannot import it ({e}); run from the directory that holds the module, or add it to PYTHONPATH") from None
 
 
 class RemoteReward:

@@ -133,3 +133,30 @@ def test_no_argument_run_raises_heldout_accuracy_by_15_points(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     before, after = summary["before"]["eval/accuracy"], summary["after"]["eval/accuracy"]
     assert after >= before + 0.15 or after >= 0.8, (before, after)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    common = [*FAST, "--steps", "4", "--critic-warmup-steps", "1", "--save-critic"]
+    run_script("ppo_max.py", *common, "--output-dir", tmp_path / "straight")
+    run_script("ppo_max.py", *common, "--output-dir", tmp_path / "split", "--stop-after", "2")
+    run_script("ppo_max.py", *common, "--output-dir", tmp_path / "split", "--resume")
+    for sub in ["", "critic/"]:
+        a = load_file(tmp_path / "straight" / sub / "model.safetensors")
+        b = load_file(tmp_path / "split" / sub / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_nan_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    (tmp_path / "nanreward.py").write_text(
+        "calls = 0\n"
+        "def score(prompts, responses, **_):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    return [float('nan') if calls >= 3 else 1.0 for _ in responses]\n")  # eval, step 1, then NaN at step 2
+    out = tmp_path / "run"
+    proc = run_script("ppo_max.py", *FAST, "--steps", "3", "--save-every", "1", "--reward-path", "", "--reward-fn",
+                      "nanreward:score", "--critic-init", "policy", "--output-dir", out, check=False, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "stopped: non-finite reward at step 2" in proc.stderr
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert (out / "step_1" / "model.safetensors").exists() and not (out / "checkpoint.tmp").exists()
