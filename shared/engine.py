@@ -138,9 +138,10 @@ def ds_config(args, ctx, micro_batch_size: int = 1, grad_accum: int = 1, lr: flo
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
         # torch's AdamW: no 2-4 minute compile of DeepSpeed's fused/CPU Adam (except for offload on GPU, where the
-        # CPU Adam is much faster)
+        # CPU Adam is much faster); its fused kernel (CPU and GPU): ~6x faster than the per-parameter loop on CPU
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
-                                                  "torch_adam": not (cuda and args.offload)}},
+                                                  **({"torch_adam": True, "fused": True} if not (cuda and args.offload)
+                                                     else {"torch_adam": False})}},
         "steps_per_print": 10**9,
     }
 
@@ -162,6 +163,8 @@ def wrap_trainable(model, args, ctx, lr: float, micro_batch_size: int, grad_accu
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config(args, ctx, micro_batch_size, grad_accum, lr),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if ctx.world == 1 and args.zero_stage == 0:  # one rank: nothing to average, but DeepSpeed would still flatten,
+        engine.enable_backward_allreduce = False  # "all-reduce" and copy back every gradient (~10% of a CPU step)
     return engine
 
 
