@@ -1,0 +1,308 @@
+"""KTO: Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv 2402.01306), alignment from unpaired
+desirable / undesirable completions.
+
+    python kto.py                                   # embedded SFT policy on the built-in addition pairs, split
+    deepspeed kto.py --model-path SFT_DIR --dataset feedback.jsonl --output-dir runs/kto
+    deepspeed kto.py ... --response-column completion --label-column thumbs_up --desirable-weight 1.33
+    deepspeed kto.py --model-path SFT_DIR --dataset pairs.jsonl       # paired data: chosen/rejected split
+
+Each example is (x, y, desirable). With r = log pi(y|x) - log ref(y|x) (sequence sums over the response tokens, EOS
+included; prompt and padding excluded) and the reference point
+    z0 = max(0, mean_i [log pi(y_j|x_i) - log ref(y_j|x_i)]),  j = (i + 1) mod B   (MISMATCHED pairs of the batch)
+estimated per micro-batch, detached and averaged over ranks, the loss is
+    desirable:   lambda_D (1 - sigmoid(beta (r - z0)))
+    undesirable: lambda_U (1 - sigmoid(beta (z0 - r)))
+averaged over the examples. The paper recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]; a warning with a
+suggested --desirable-weight is printed outside that range.
+
+Data: `prompt` + `--response-column` + `--label-column` (bool) rows. Rows with chosen/rejected columns and no label
+column are preference pairs: each is split into a desirable (chosen) and an undesirable (rejected) example; the
+no-argument run does this with the built-in pairs, so both classes cover the same prompts (n_D = n_U).
+
+Reference log-probs (of the matched and the mismatched completions) are computed once before training (default) over
+exactly the micro-batches training will see, then the reference model is deleted; --ref-on-the-fly keeps it and runs
+it inside every step. Both give the same numbers bit for bit. On --resume they are computed again for the remaining
+steps.
+
+Metrics: train/loss, train/kl (z0), train/rewards/{chosen,rejected,margin} (implicit rewards beta r of desirable and
+undesirable examples), train/logps/{chosen,rejected}; eval/rewards/{chosen,rejected,margin}, eval/pair_accuracy on
+held-out pairs (when the held-out rows are pairs: implicit reward of chosen > rejected, ties count half) and, on a
+built-in task, eval/accuracy (greedy exact match, as train_sft.py reports it).
+"""
+import gc
+from dataclasses import dataclass
+
+import torch
+
+from shared import data, dist, engine, rollout, tasks
+from shared.args import DataArgs, RunArgs
+from shared.tracking import Tracker
+
+
+@dataclass
+class Args(RunArgs, DataArgs):
+    model_path: str = engine.DEFAULT_SFT
+    """policy to start from (usually the SFT model); also the frozen reference unless --ref-model-path"""
+    ref_model_path: str = ""
+    """the frozen reference model (default: --model-path)"""
+    beta: float = 0.5
+    """scale of the implicit reward inside the sigmoid (strength of the pull towards the reference). The paper uses
+    0.1; 0.5 is calibrated on the tiny default run (with 0.1 it reached 0.84 pair accuracy in 300 steps there)"""
+    desirable_weight: float = 1.0
+    """lambda_D, the loss weight of desirable examples"""
+    undesirable_weight: float = 1.0
+    """lambda_U, the loss weight of undesirable examples"""
+    ref_on_the_fly: bool = False
+    """keep the reference model and run it in every step, instead of precomputing its log-probs before training"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 64
+    """global batch size in examples"""
+    micro_batch_size: int = 64
+    """examples per forward pass per rank (>= 2: the KL estimate pairs each prompt with another example's completion)"""
+    lr: float = 2e-4
+    """peak learning rate (AdamW)"""
+    warmup_steps: int = 10
+    """linear learning-rate warmup steps"""
+    lr_decay: bool = True
+    """decay the learning rate linearly to 0 at the last step"""
+    eval_every: int = 0
+    """evaluate every N steps (0: only before and after training)"""
+    max_new_tokens: int = 8
+    """generation length for the greedy exact-match eval on a built-in task"""
+
+
+# ---------------------------------------------------------------------------------------------- the math
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,). logits (N, L, V) predict input_ids
+    shifted by one; response_mask (N, L) is 1 on response tokens (EOS included), 0 on prompt and padding."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (logprobs * response_mask[:, 1:].float()).sum(-1)
+
+
+def mismatched(examples: list[dict], max_len: int) -> list[dict]:
+    """The KL examples: prompt x_i followed by the completion y_j of example j = (i + 1) mod B (cut to max_len)."""
+    out = []
+    for i, ex in enumerate(examples):
+        other = examples[(i + 1) % len(examples)]
+        ids = ex["input_ids"][: ex["prompt_len"]] + other["input_ids"][other["prompt_len"]:]
+        out.append({"input_ids": ids[:max_len], "prompt_len": ex["prompt_len"]})
+    return out
+
+
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, world: int) -> torch.Tensor:
+    """z0 = max(0, mean over ranks of mean_i [log pi(y_j|x_i) - log ref(y_j|x_i)]) on the mismatched pairs; detached
+    (no gradient flows through it). Averaged BEFORE clamping, so every rank holds the same z0."""
+    kl = (policy_kl_logps - ref_kl_logps).detach().float().mean()
+    return (dist.all_reduce(kl.clone()) / world).clamp(min=0)
+
+
+def kto_loss(logps, ref_logps, desirable, z0, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-example losses (B,), with r = logps - ref_logps (sequence log-probs (B,)) and desirable a bool (B,):
+    desirable:   lambda_D (1 - sigmoid(beta (r - z0)))
+    undesirable: lambda_U (1 - sigmoid(beta (z0 - r)))"""
+    r = logps - ref_logps
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+
+
+def class_balance(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float):
+    """(ratio, suggestion): ratio = lambda_D n_D / (lambda_U n_U); outside the paper's [1, 4/3] the suggestion is the
+    --desirable-weight that brings it to the nearest end of that range, else None."""
+    ratio = desirable_weight * n_desirable / max(1e-12, undesirable_weight * n_undesirable)
+    if n_desirable == 0 or n_undesirable == 0 or 1 <= ratio <= 4 / 3:
+        return ratio, None
+    target = 1.0 if ratio < 1 else 4 / 3
+    return ratio, target * undesirable_weight * n_undesirable / n_desirable
+
+
+# ---------------------------------------------------------------------------------------------- data and forwards
+
+
+def split_examples(rows: list[dict], tok, args, what: str, log) -> tuple[list[dict], bool]:
+    """Tokenized {input_ids, prompt_len, label} examples, and whether the rows were pairs. Rows with chosen/rejected
+    columns and no label column are pairs, split into (chosen, desirable) and (rejected, undesirable), kept adjacent."""
+    first = rows[0]
+    if args.label_column not in first and args.chosen_column in first and args.rejected_column in first:
+        pairs = data.tokenize(rows, tok, "pair", args, what, log)
+        return [{"input_ids": p[key], "prompt_len": p["prompt_len"], "label": key == "chosen_ids"}
+                for p in pairs for key in ("chosen_ids", "rejected_ids")], True
+    return data.tokenize(rows, tok, "unpaired", args, what, log), False
+
+
+def batch_logps(model, examples: list[dict], pad_id: int, device) -> torch.Tensor:
+    """Sequence log-probs (N,) of right-padded examples in one forward."""
+    batch = {k: v.to(device) for k, v in data.collate([e["input_ids"] for e in examples],
+                                                      [e["prompt_len"] for e in examples], pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=engine.position_ids(batch["attention_mask"])).logits
+    return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+
+@torch.no_grad()
+def ref_logps_of(ref, examples: list[dict], pad_id: int, args, device) -> torch.Tensor:
+    """(2, B) reference log-probs of the matched completions and of the mismatched (KL) ones, in one forward."""
+    both = batch_logps(ref, examples + mismatched(examples, args.max_len), pad_id, device)
+    return both.view(2, len(examples))
+
+
+@torch.no_grad()
+def all_logps(model, examples: list[dict], pad_id: int, args, ctx) -> torch.Tensor:
+    """(N,) float64 sequence log-probs of every example, sharded over ranks, complete on every rank. Every rank makes
+    the same number of forward calls (ZeRO-3 forwards are collective)."""
+    out = torch.zeros(len(examples), dtype=torch.float64)
+    mine = list(range(ctx.rank, len(examples), ctx.world))
+    n_calls = -(-(-(-len(examples) // ctx.world)) // args.micro_batch_size)
+    for k in range(n_calls):
+        idx = mine[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]
+        logps = batch_logps(model, [examples[i] for i in idx or [0]], pad_id, ctx.device)
+        if idx:
+            out[idx] = logps.double().cpu()
+    return dist.all_reduce(out.to(ctx.device)).cpu()
+
+
+@torch.no_grad()
+def evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args, ctx) -> dict:
+    """Held-out implicit rewards of desirable and undesirable examples, pair accuracy when they come from pairs
+    (examples 2i and 2i+1), greedy exact match on a built-in task."""
+    metrics = {}
+    if evals:
+        policy.eval()
+        logps = all_logps(policy, evals, tok.pad_token_id, args, ctx)
+        rewards, good = args.beta * (logps - eval_ref), torch.tensor([e["label"] for e in evals])
+        metrics = {"eval/rewards/chosen": rewards[good].mean().item(),
+                   "eval/rewards/rejected": rewards[~good].mean().item()}
+        metrics["eval/rewards/margin"] = metrics["eval/rewards/chosen"] - metrics["eval/rewards/rejected"]
+        if eval_paired:
+            margin = rewards[0::2] - rewards[1::2]
+            metrics["eval/pair_accuracy"] = ((margin > 0).double() + 0.5 * (margin == 0).double()).mean().item()
+        policy.train()
+    if task:
+        metrics["eval/accuracy"], metrics["eval/samples"] = rollout.greedy_eval(
+            policy, tok, eval_prompts, task.reward, ctx, args.max_new_tokens)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def main(args: Args):
+    ctx = dist.init(args.seed)
+    # 1. check flags and data before anything is written
+    if args.beta <= 0 or args.desirable_weight < 0 or args.undesirable_weight < 0:
+        raise dist.UserError("--beta must be > 0 and --desirable-weight / --undesirable-weight >= 0")
+    if args.micro_batch_size < 2:
+        raise dist.UserError("--micro-batch-size must be >= 2: the KL estimate pairs each prompt with the completion "
+                             "of another example of the micro-batch")
+    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
+    say = print if ctx.main else (lambda *a: None)
+    tok = engine.load_tokenizer(args.model_path, args)
+    pad_id = tok.pad_token_id
+    train_rows, eval_rows = data.train_eval_rows(args, "pair" if args.dataset in tasks.TASKS else "unpaired")
+    train, paired = split_examples(train_rows, tok, args, "train", say)
+    evals, eval_paired = split_examples(eval_rows, tok, args, "eval", say) if eval_rows else ([], False)
+    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
+    eval_prompts = (data.tokenize(task.rows("prompt", "test")[: args.eval_size], tok, "prompt", args, "eval")
+                    if task else [])  # greedy exact-match eval
+    n_desirable = sum(e["label"] for e in train)
+    ratio, suggestion = class_balance(n_desirable, len(train) - n_desirable, args.desirable_weight,
+                                      args.undesirable_weight)
+    say(f"[kto] {n_desirable} desirable, {len(train) - n_desirable} undesirable train examples"
+        f"{' (split from pairs)' if paired else ''}; lambda_D n_D / (lambda_U n_U) = {ratio:.3f}")
+    if suggestion is not None:
+        say(f"[kto] warning: lambda_D n_D / (lambda_U n_U) = {ratio:.3f} is outside the KTO paper's recommended "
+            f"[1, 4/3]; try --desirable-weight {suggestion:.3g}")
+
+    # 2. models: policy (trained), reference (frozen); output directory; resume
+    policy = engine.load_model(args.model_path, args, ctx, seed=args.seed)
+    ref_path, ref_flag = ((args.ref_model_path, "--ref-model-path") if args.ref_model_path
+                          else (args.model_path, "--model-path"))
+    ref = engine.wrap_frozen(engine.load_model(ref_path, args, ctx, flag=ref_flag, seed=args.seed), args, ctx)
+    out = engine.prepare_output_dir(args, ctx, "kto")
+    policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
+    tracker = Tracker(args, out, ctx, "kto")
+    sampler = data.Sampler(len(train), args.seed)
+    step, before = 0, None
+    if args.resume:
+        state = engine.load_checkpoint(out, {"policy": policy}, ctx)
+        step, before = state["step"], state["before"]
+        tracker.print(f"[kto] resumed at step {step}")
+
+    def step_micro_batches(s: int) -> list[list[int]]:  # this rank's micro-batches (train indices) at step s
+        return data.micro_batches(sampler.rank_batch(s, args.batch_size, ctx), args.micro_batch_size)
+
+    # 3. reference log-probs: held-out examples once; train micro-batches of every remaining step unless on the fly
+    eval_ref = all_logps(ref, evals, pad_id, args, ctx)  # (N_eval,)
+    ref_table = {}  # (step, micro-batch) -> (2, micro_batch_size): matched and mismatched reference log-probs
+    if not args.ref_on_the_fly:
+        last = args.stop_after if 0 < args.stop_after < args.steps else args.steps
+        for s in range(step, last):
+            for k, mb in enumerate(step_micro_batches(s)):
+                ref_table[s, k] = ref_logps_of(ref, [train[i] for i in mb], pad_id, args, ctx.device)
+        del ref
+        ref = None
+        gc.collect()
+    if before is None:
+        before = evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args, ctx)
+        tracker.print(f"[kto] before: {before}")
+
+    # 4. train
+    while step < args.steps:
+        stats = torch.zeros(8, dtype=torch.float64, device=ctx.device)
+        for k, mb in enumerate(step_micro_batches(step)):
+            examples = [train[i] for i in mb]
+            desirable = torch.tensor([e["label"] for e in examples], device=ctx.device)
+            ref_logps, ref_kl_logps = (ref_logps_of(ref, examples, pad_id, args, ctx.device) if ref is not None
+                                       else ref_table.pop((step, k)))
+            # 4a. the reference point from mismatched pairs (no gradient), the same on every rank
+            with torch.no_grad():
+                policy_kl_logps = batch_logps(policy, mismatched(examples, args.max_len), pad_id, ctx.device)
+            z0 = kto_reference_point(policy_kl_logps, ref_kl_logps, ctx.world)
+            # 4b. the loss on the matched completions
+            logps = batch_logps(policy, examples, pad_id, ctx.device)  # (B,)
+            loss = kto_loss(logps, ref_logps, desirable, z0, args.beta, args.desirable_weight,
+                            args.undesirable_weight).mean()
+            if not torch.isfinite(loss):
+                raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
+            policy.backward(loss)
+            policy.step()
+            rewards, good = args.beta * (logps.detach() - ref_logps), desirable.double()
+            stats += torch.stack([loss.detach().double(), z0.double(), (rewards * good).sum(),
+                                  (rewards * (1 - good)).sum(), (logps.detach() * good).sum(),
+                                  (logps.detach() * (1 - good)).sum(), good.sum(), (1 - good).sum()])
+        step += 1
+        stats = dist.all_reduce(stats).cpu()  # sums over every micro-batch of every rank
+        n_micro, n_good, n_bad = ctx.world * grad_accum, stats[6].clamp(min=1), stats[7].clamp(min=1)
+        metrics = {"train/loss": stats[0] / n_micro, "train/kl": stats[1] / n_micro,
+                   "train/rewards/chosen": stats[2] / n_good, "train/rewards/rejected": stats[3] / n_bad,
+                   "train/rewards/margin": stats[2] / n_good - stats[3] / n_bad,
+                   "train/logps/chosen": stats[4] / n_good, "train/logps/rejected": stats[5] / n_bad,
+                   "train/lr": policy.get_lr()[0],
+                   "train/examples_per_s": args.batch_size / max(1e-9, tracker.step_time())}
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            metrics.update({k: v for k, v in evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok,
+                                                      args, ctx).items() if k != "eval/samples"})
+        tracker.log(step, metrics, show=("train/loss", "train/kl", "train/rewards/margin", "eval/pair_accuracy",
+                                         "eval/accuracy"))
+        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
+            engine.save_checkpoint(out, {"policy": policy}, {"step": step, "before": before}, ctx)
+            if args.save_every and step % args.save_every == 0:
+                engine.export_hf(policy, tok, out / f"step_{step}", ctx)
+        if step == args.stop_after:
+            tracker.print(f"[kto] stopped after step {step}; continue with --resume")
+            return
+
+    # 5. final eval and export
+    after = evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args, ctx)
+    engine.export_hf(policy, tok, out, ctx)
+    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "model_path": args.model_path, "dataset": args.dataset, "train_examples": len(train),
+                     "desirable_examples": n_desirable, "split_from_pairs": paired})
+    tracker.print(f"[kto] after: {after}\n[kto] saved to {out}")
+
+
+if __name__ == "__main__":
+    dist.cli(main, Args)
