@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from shared import data, dist, engine, rewards, rollout, tasks
-from shared.args import DataArgs, RewardArgs, RunArgs
+from shared.args import DataArgs, RewardArgs, RolloutArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs, RewardArgs):
+class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (also the frozen reference)"""
     steps: int = 60
@@ -145,8 +145,10 @@ def main(args: Args):
     if args.resume:
         state = engine.load_checkpoint(out, {"policy": policy}, ctx)
         step, draws, before = state["step"], state["draws"], state["before"]
+    generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf or vllm; synced after updates
     if before is None:
-        before = {"eval/accuracy": rollout.greedy_eval(policy, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
+        before = {"eval/accuracy": rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
+                                                       args.max_new_tokens)[0]}
         tracker.print(f"[grpo] before: {before}")
     prompts_per_rank = args.prompts_per_step // ctx.world
 
@@ -158,8 +160,8 @@ def main(args: Args):
             batch = [prompts[i] for i in sampler.rank_batch(draws, args.prompts_per_step, ctx)]
             draws, tries = draws + 1, tries + 1
             t = time.time()
-            ro = rollout.generate(policy, tok, [p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
-                                  args.top_p, args.max_new_tokens)
+            ro = generator.generate([p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
+                                    args.top_p, args.max_new_tokens)
             timing["generate"] = timing.get("generate", 0) + time.time() - t
             t = time.time()
             texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
@@ -230,6 +232,7 @@ def main(args: Args):
                     raise dist.Diverged(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
                                        f"is intact)")
         timing["train"] = time.time() - t
+        timing["weight_sync"] = generator.sync(policy)  # the next rollout samples from the updated policy
         step += 1
 
         # 6. log, evaluate, save
@@ -246,7 +249,7 @@ def main(args: Args):
             "train/lr": policy.get_lr()[0], "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world
             / (time.time() - t0), **{f"time/{k}": v for k, v in timing.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics["eval/accuracy"] = rollout.greedy_eval(policy, tok, eval_prompts, eval_fn, ctx,
+            metrics["eval/accuracy"] = rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
                                                            args.max_new_tokens)[0]
         tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/accuracy"))
         if args.save_every and step % args.save_every == 0 or step == args.stop_after:
@@ -258,7 +261,7 @@ def main(args: Args):
             return
 
     # 7. final eval and export
-    after = {"eval/accuracy": rollout.greedy_eval(policy, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
+    after = {"eval/accuracy": rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
     engine.export_hf(policy, tok, out, ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
                      "model_path": args.model_path, "dataset": args.dataset})

@@ -21,12 +21,12 @@ from dataclasses import dataclass, fields
 import torch
 
 from shared import data, dist, engine, rewards, rollout, tasks
-from shared.args import DataArgs, RewardArgs, RunArgs
+from shared.args import DataArgs, RewardArgs, RolloutArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs, RewardArgs):
+class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (also the frozen reference)"""
     reward_path: str = engine.DEFAULT_RM
@@ -292,11 +292,12 @@ def main(args: Args):
             scores.append(total)
             return task.reward(prompts, responses, **extras) if task else total
 
-        acc = rollout.greedy_eval(policy, tok, eval_prompts, score_fn, ctx, args.max_new_tokens)[0]
+        acc = rollout.greedy_eval(generator, tok, eval_prompts, score_fn, ctx, args.max_new_tokens)[0]
         mean_score = dist.all_reduce(torch.tensor([torch.cat(scores).sum().item(), sum(map(len, scores))],
                                                   dtype=torch.float64)) if scores else torch.tensor([0.0, 1.0])
         return {"eval/accuracy" if task else "eval/reward": acc, "eval/rm_score": (mean_score[0] / mean_score[1]).item()}
 
+    generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf or vllm; synced after updates
     if before is None:
         before = evaluate()
         tracker.print(f"[ppo_max] before: {before}")
@@ -306,8 +307,8 @@ def main(args: Args):
         # 1. sample responses
         batch = [prompts[i] for i in sampler.rank_batch(step, args.prompts_per_step, ctx)]
         t = time.time()
-        ro = rollout.generate(policy, tok, [p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
-                              args.top_p, args.max_new_tokens)
+        ro = generator.generate([p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
+                                args.top_p, args.max_new_tokens)
         timing["generate"] = time.time() - t
         # 2. score with the reward model (and any other reward source)
         t = time.time()
@@ -386,6 +387,7 @@ def main(args: Args):
                         raise dist.Diverged(f"non-finite {name} gradient norm at step {step + 1}; stopping (the last "
                                            f"checkpoint is intact)")
         timing["train"] = time.time() - t
+        timing["weight_sync"] = generator.sync(policy)  # the next rollout samples from the updated policy
         step += 1
 
         # 10. log, evaluate, save

