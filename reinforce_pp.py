@@ -112,6 +112,7 @@ def main(args: Args):
     ctx = dist.init(args.seed)
     # 1. check flags, data and rewards before anything is written
     grad_accum = check_args(args, ctx.world)
+    rollout.check_args(args, ctx)
     say = print if ctx.main else (lambda *a: None)
     tok = engine.load_tokenizer(args.model_path, args)
     train_rows, eval_rows = data.train_eval_rows(args, "prompt")

@@ -227,6 +227,12 @@ class Generator:
             self.llm = None
 
 
+def check_args(args, ctx):
+    """Validate the rollout flags before a script writes anything (the engine itself starts later)."""
+    if resolve_backend(args.rollout_backend, ctx) == "vllm" and ctx.world % args.vllm_tp_size:
+        raise UserError(f"--vllm-tp-size {args.vllm_tp_size} must divide the number of ranks ({ctx.world})")
+
+
 def resolve_backend(choice: str, ctx) -> str:
     """--rollout-backend: hf or vllm as asked; auto is vllm on GPU when importable, else hf (see RolloutArgs)."""
     has_vllm = importlib.util.find_spec("vllm") is not None

@@ -79,3 +79,10 @@ def test_grpo_runs_end_to_end(tmp_path, ranks):
                "--eval-size", "8", "--output-dir", out, ranks=ranks)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == max(ranks, 1) and (out / "model.safetensors").exists()
+
+
+def test_bad_rollout_flags_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("grpo.py", "--rollout-backend", "vlm", "--output-dir", out, check=False)
+    assert proc.returncode == 2 and "--rollout-backend must be auto, vllm or hf" in proc.stderr
+    assert not out.exists()
