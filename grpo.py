@@ -103,6 +103,14 @@ def aggregate(per_token, mask, mode: str, max_new_tokens: int, n_seqs: float, n_
     raise ValueError(mode)
 
 
+def tis_weights(old_logprobs, sampler_logprobs, cap: float):
+    """Truncated importance weights min(exp(old_t - sampler_t), cap) per token, detached; all 1 when cap is 0
+    (TIS, Yao et al. 2025: the sampler's distribution, not the trainer's, produced the tokens)."""
+    if cap <= 0:
+        return torch.ones_like(old_logprobs)
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -210,6 +218,7 @@ def main(args: Args):
                         policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
                     old = logprobs.detach() if reuse_old else old_logprobs[idx]
                     per_token = clipped_surrogate(logprobs, old, advantages[idx, None], args.eps_low, args.eps_high)
+                    per_token = per_token * tis_weights(old, ro.logprobs[idx], args.tis_cap)
                     pg_loss = aggregate(per_token, mask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)
                     kl = k3_kl(logprobs, ref_logprobs[idx]) if ref is not None else torch.zeros_like(logprobs)
                     kl_loss = aggregate(kl, mask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)

@@ -222,6 +222,14 @@ class AdaptiveKL:
             self.beta *= 1 + max(-0.2, min(0.2, kl / self.target - 1)) * n / self.horizon
 
 
+def tis_weights(old_logprobs, sampler_logprobs, cap: float):
+    """Truncated importance weights min(exp(old_t - sampler_t), cap) per token, detached; all 1 when cap is 0
+    (TIS, Yao et al. 2025: the sampler's distribution, not the trainer's, produced the tokens)."""
+    if cap <= 0:
+        return torch.ones_like(old_logprobs)
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -356,7 +364,8 @@ def main(args: Args):
                     critic.backward(v_loss)
                     critic.step()
                     logprobs, entropy = rollout.response_logprobs(policy, ids, attn, p_len, args.temperature, True)
-                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, args.eps)
+                    tis = tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
+                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx] * tis, m, args.eps)
                     ptx_loss = torch.zeros((), device=ctx.device)
                     if ptx and train_policy:
                         pick = ptx_sampler.global_batch(step * 10_000 + n_updates, len(idx))

@@ -86,6 +86,14 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, eps: float):
     return -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
 
 
+def tis_weights(old_logprobs, sampler_logprobs, cap: float):
+    """Truncated importance weights min(exp(old_t - sampler_t), cap) per token, detached; all 1 when cap is 0
+    (TIS, Yao et al. 2025: the sampler's distribution, not the trainer's, produced the tokens)."""
+    if cap <= 0:
+        return torch.ones_like(old_logprobs)
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -179,10 +187,11 @@ def main(args: Args):
                     logprobs, entropy = rollout.response_logprobs(
                         policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
                     m = mask[idx]
+                    w = tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
                     if args.loss == "reinforce":  # share of the mean over the minibatch's sequences
-                        loss = reinforce_loss(logprobs, advantages[idx], m) * len(idx) / len(minibatch)
+                        loss = reinforce_loss(logprobs, advantages[idx] * w, m) * len(idx) / len(minibatch)
                     else:  # share of the token mean over the minibatch (all ranks)
-                        per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps)
+                        per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps) * w
                         loss = (per_token * m).sum() / mb_tokens * ctx.world
                     # DeepSpeed divides by grad_accum and averages over ranks
                     loss = loss * grad_accum

@@ -101,6 +101,9 @@ class RolloutArgs:
     vllm_tp_size: int = 1
     """tensor-parallel size of each vLLM engine; must divide the number of ranks, whose prompts are then generated
     together by each group of vllm-tp-size ranks"""
+    tis_cap: float = 0.0
+    """truncated importance sampling: weight each token's policy loss by min(pi_old / pi_sampler, cap), correcting for
+    a sampler (vLLM) whose log-probs differ from the trainer's; 0 turns it off (policy/logprob_diff_* shows the gap)"""
     vllm_sleep: bool = False
     """GPU: put vLLM to sleep (level 2: weights and KV cache freed) after each rollout while the policy trains; the
     weight push wakes it. Ignored on CPU, where vLLM has no sleep mode"""

@@ -86,3 +86,19 @@ def test_bad_rollout_flags_write_nothing(tmp_path):
     proc = run_script("grpo.py", "--rollout-backend", "vlm", "--output-dir", out, check=False)
     assert proc.returncode == 2 and "--rollout-backend must be auto, vllm or hf" in proc.stderr
     assert not out.exists()
+
+
+def test_tis_weights_are_truncated_ratios_and_off_by_default():
+    from grpo import tis_weights
+
+    old, sampler = torch.log(torch.tensor([0.5, 0.2, 0.9])), torch.log(torch.tensor([0.25, 0.4, 0.1]))
+    assert torch.allclose(tis_weights(old, sampler, 3.0), torch.tensor([2.0, 0.5, 3.0]))  # 9.0 truncated at 3
+    assert torch.equal(tis_weights(old, sampler, 0.0), torch.ones(3))
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "ppo_max.py"])
+def test_tis_runs(tmp_path, script):
+    out = tmp_path / "run"
+    run_script(script, "--steps", "1", "--prompts-per-step", "4", "--n-samples", "4", "--micro-batch-size", "8",
+               "--eval-size", "8", "--tis-cap", "2", "--output-dir", out)
+    assert (out / "model.safetensors").exists()
