@@ -287,12 +287,7 @@ def main(args: Args):
                                                       args, ctx).items() if k != "eval/samples"})
         tracker.log(step, metrics, show=("train/loss", "train/kl", "train/rewards/margin", "eval/pair_accuracy",
                                          "eval/accuracy"))
-        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
-            engine.save_checkpoint(out, {"policy": policy}, {"step": step, "before": before}, ctx)
-            if args.save_every and step % args.save_every == 0:
-                engine.export_hf(policy, tok, out / f"step_{step}", ctx)
-        if step == args.stop_after:
-            tracker.print(f"[kto] stopped after step {step}; continue with --resume")
+        if engine.periodic_save(args, out, step, {"policy": policy}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 5. final eval and export

@@ -422,14 +422,9 @@ def main(args: Args):
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics.update(evaluate())
         tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "loss/value", "eval/accuracy"))
-        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
-            state = {"step": step, "before": before, "kl_coef": kl_ctl.beta,
-                     "moments": [moments.count, moments.mean, moments.var]}
-            engine.save_checkpoint(out, {"policy": policy, "critic": critic}, state, ctx)
-            if args.save_every and step % args.save_every == 0:
-                engine.export_hf(policy, tok, out / f"step_{step}", ctx)
-        if step == args.stop_after:
-            tracker.print(f"[ppo_max] stopped after step {step}; continue with --resume")
+        state = {"step": step, "before": before, "kl_coef": kl_ctl.beta,
+                 "moments": [moments.count, moments.mean, moments.var]}
+        if engine.periodic_save(args, out, step, {"policy": policy, "critic": critic}, state, tok, ctx):
             return
 
     # final eval and export

@@ -229,12 +229,7 @@ def main(args: Args):
             metrics["eval/accuracy"] = rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
                                                            args.max_new_tokens)[0]
         tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/accuracy"))
-        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
-            engine.save_checkpoint(out, {"policy": policy}, {"step": step, "before": before}, ctx)
-            if args.save_every and step % args.save_every == 0:
-                engine.export_hf(policy, tok, out / f"step_{step}", ctx)
-        if step == args.stop_after:
-            tracker.print(f"[rloo] stopped after step {step}; continue with --resume")
+        if engine.periodic_save(args, out, step, {"policy": policy}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 7. final eval and export

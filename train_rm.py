@@ -133,12 +133,7 @@ def main(args: Args):
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics.update(evaluate(model, evals, tok.pad_token_id, args, ctx))
         tracker.log(step, metrics, show=("train/loss", "train/accuracy", "eval/accuracy"))
-        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
-            engine.save_checkpoint(out, {"model": model}, {"step": step, "before": before}, ctx)
-            if args.save_every and step % args.save_every == 0:
-                engine.export_hf(model, tok, out / f"step_{step}", ctx)
-        if step == args.stop_after:
-            tracker.print(f"[train_rm] stopped after step {step}; continue with --resume")
+        if engine.periodic_save(args, out, step, {"model": model}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 4. final eval, reward statistics, export

@@ -113,12 +113,7 @@ def main(args: Args):
             metrics.update({k: v for k, v in evaluate(model, tok, evals, eval_prompts, task, args, ctx).items()
                             if k != "eval/samples"})
         tracker.log(step, metrics, show=("train/loss", "eval/loss", "eval/accuracy", "train/tokens_per_s"))
-        if args.save_every and step % args.save_every == 0 or step == args.stop_after:
-            engine.save_checkpoint(out, {"model": model}, {"step": step, "before": before}, ctx)
-            if args.save_every and step % args.save_every == 0:
-                engine.export_hf(model, tok, out / f"step_{step}", ctx)
-        if step == args.stop_after:
-            tracker.print(f"[train_sft] stopped after step {step}; continue with --resume")
+        if engine.periodic_save(args, out, step, {"model": model}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 4. final eval and export

@@ -273,6 +273,19 @@ def save_checkpoint(out: Path, engines: dict, state: dict, ctx):
     dist.barrier()
 
 
+def periodic_save(args, out: Path, step: int, engines: dict, state: dict, tok, ctx) -> bool:
+    """--save-every: a resumable checkpoint plus an HF export of the first engine to step_N; --stop-after: a checkpoint,
+    then True (the script returns, to be continued with --resume)."""
+    due = bool(args.save_every) and step % args.save_every == 0
+    if due or step == args.stop_after:
+        save_checkpoint(out, engines, state, ctx)
+    if due:
+        export_hf(next(iter(engines.values())), tok, out / f"step_{step}", ctx)
+    if step == args.stop_after and ctx.main:
+        print(f"stopped after step {step}; continue with --resume --output-dir {out}", flush=True)
+    return step == args.stop_after
+
+
 def load_checkpoint(out: Path, engines: dict, ctx) -> dict:
     final = out / "checkpoint"
     for name, engine in engines.items():
