@@ -177,6 +177,7 @@ log_ratio = torch.tensor([4.0, 2.0]) if ctx.rank == 0 else torch.tensor([-1.0, -
 up = kto_reference_point(log_ratio, torch.zeros(2), ctx.world).item()
 down = kto_reference_point(-log_ratio, torch.zeros(2), ctx.world).item()
 json.dump({{"world": ctx.world, "up": up, "down": down}}, open(f"{{out}}/rank{{ctx.rank}}.json", "w"))
+dist.finish()  # leave the process group together: a rank exiting mid-collective aborts the other
 """
 
 

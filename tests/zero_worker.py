@@ -32,3 +32,4 @@ with torch.no_grad():
 engine.export_hf(model, tok, out, ctx)
 if ctx.main:
     torch.save({"ids": ids, "logits": after, "world": ctx.world}, out / "expected.pt")
+dist.finish()  # leave the process group together: a rank exiting mid-collective aborts the other
