@@ -1,0 +1,469 @@
+"""Ours vs TRL on one CPU: time per step, equal work, learning efficiency, and where the time goes.
+
+Run through benchmarks/run.sh (it activates the environment, installs TRL into its own folder and sets 1 thread):
+
+    bash benchmarks/run.sh            # full run: ~10-12 min measuring + up to 5 min waiting for a quiet machine
+    bash benchmarks/run.sh --quick    # smoke run, ~3 min
+
+Method (README, "Benchmarks"):
+- Each comparison starts its processes together (one per side: our script run as `python X.py FLAGS` through
+  benchmarks/ours.py, TRL's trainer through benchmarks/trl_run.py), on the same model directory, data, batch sizes,
+  sequence lengths, generation settings, optimizer settings and number of steps, each with 1 torch thread.
+- After step 1 (set-up and step 1 overlap and are never timed) the processes take turns one STEP at a time (a pipe
+  gate), A B B A A B ..., so both sides see the same background load; a step is timed from its turn's start to the
+  end of its optimizer step. The first WARMUP steps are excluded; the table shows the median of the rest.
+- Equal work is counted, not assumed, by the same hooks in both processes (benchmarks/instrument.py): sampled
+  sequences and tokens, decode forwards, forward passes with and without gradient (calls, rows, token positions),
+  backward passes, optimizer steps.
+- Two model sizes: the tiny default policy (assets/sft, 0.8M parameters) and a 14M-parameter Llama over the same
+  character tokenizer, built here from a seeded config and saved to a temporary directory that both sides load.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+WARMUP = 2  # steps excluded from the medians (step 1 overlaps the other side's set-up; step 2 warms caches)
+
+# the larger model: a Llama over the committed character tokenizer, ~14M parameters
+BIG = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+           max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def machine_facts() -> dict:
+    import importlib.metadata as md
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) // 2**20 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    versions = {}
+    for pkg in ("torch", "transformers", "deepspeed", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "-"
+    trl_home = os.environ.get("TRL_HOME", "")
+    versions["trl"] = next((p.name.split("-")[1].removesuffix(".dist") for p in Path(trl_home).glob("trl-*.dist-info")), "-") if trl_home else "-"
+    return {"cpus": os.cpu_count(), "cpu": cpu, "mem_gib": mem, "python": sys.version.split()[0],
+            "torch_threads": 1, **versions}
+
+
+def build_big_model(path: Path) -> int:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizer"))
+    config = LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         pad_token_id=tok.pad_token_id, rms_norm_eps=1e-6, **BIG)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- one comparison
+
+
+@dataclass
+class Worker:
+    label: str  # e.g. "ours:grpo.py" or "trl:GRPOTrainer"
+    cmd: list
+    trl: bool = False
+    record: Path = None
+    proc: subprocess.Popen = None
+    go: int = -1
+    rep: int = -1
+    buf: bytes = b""
+    last: object = None
+    failed: str = ""
+    log: object = None
+    data: dict = field(default_factory=dict)
+
+
+def ours(script: str, flags: list, learn_every: int = 0) -> Worker:
+    extra = ["--learn-eval-every", str(learn_every)] if learn_every else []
+    return Worker(f"ours:{script}", [PY, "benchmarks/ours.py", *extra, "--record", "{record}", script, *flags])
+
+
+def trl(name: str, cfg: dict) -> Worker:
+    return Worker(f"trl:{name}", [PY, "benchmarks/trl_run.py", "--record", "{record}", "--config", json.dumps(cfg)],
+                  trl=True)
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+class Quiet:
+    """Wait for the 1-minute load average to drop below `threshold` before each comparison, within a total budget."""
+
+    def __init__(self, threshold: float, budget_s: float):
+        self.threshold, self.budget, self.waited = threshold, budget_s, 0.0
+
+    def wait(self) -> float:
+        while load1() > self.threshold and self.waited < self.budget:
+            time.sleep(10)
+            self.waited += 10
+        return load1()
+
+
+def read_line(w: Worker, timeout: float):
+    while b"\n" not in w.buf:
+        ready, _, _ = select.select([w.rep], [], [], timeout)
+        if not ready:
+            return None
+        chunk = os.read(w.rep, 256)
+        if not chunk:
+            return None
+        w.buf += chunk
+    line, w.buf = w.buf.split(b"\n", 1)
+    return line.decode().strip()
+
+
+def run_group(name: str, workers: list, n_steps: int, out: Path, step_timeout: float = 600):
+    """Start the workers together; after each has reported its first event, give them turns one step at a time."""
+    for w in workers:
+        r_go, w_go = os.pipe()
+        r_rep, w_rep = os.pipe()
+        w.record = out / f"{name}__{w.label.replace(':', '_')}.json"
+        env = dict(os.environ, BENCH_GATE=f"{r_go},{w_rep}")
+        if w.trl:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("TRL_HOME", ""),
+                                                              os.environ.get("PYTHONPATH", "")]))
+        w.log = log = open(out / f"{name}__{w.label.replace(':', '_')}.log", "w")
+        cmd = [str(c).replace("{record}", str(w.record)) for c in w.cmd]
+        if not w.trl:  # our script's run directory (metrics.jsonl, summary.json) inside the results directory
+            cmd += ["--output-dir", str(out / f"{name}__{w.label.split(':')[1].removesuffix('.py')}"), "--overwrite"]
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        w.proc = subprocess.Popen(cmd, env=env, pass_fds=(r_go, w_rep), stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=ROOT)
+        os.close(r_go)
+        os.close(w_rep)
+        w.go, w.rep = w_go, r_rep
+    for w in workers:  # set-up (and, when timing, step 1) run side by side
+        w.last = read_line(w, step_timeout * 3)
+        if w.last is None:
+            w.failed = "exited or hung before its first step"
+    order = list(workers)
+    while True:
+        active = [w for w in order if not w.failed and w.last != str(n_steps)]
+        if not active:
+            break
+        for w in active:
+            try:
+                os.write(w.go, b"go\n")
+            except OSError:  # it exited
+                pass
+            last, w.last = w.last, read_line(w, step_timeout)
+            if w.last is None:
+                w.failed = f"exited or hung after step {last}"
+        order.reverse()  # A B, B A, A B, ...: neither side always runs right after the other
+    for w in workers:
+        try:
+            os.write(w.go, b"free\n")
+        except OSError:
+            pass
+    for w in workers:
+        try:
+            w.proc.wait(timeout=step_timeout)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.failed = w.failed or "did not exit"
+        os.close(w.go)
+        os.close(w.rep)
+        w.log.close()
+        if w.proc.returncode and not w.failed:
+            w.failed = f"exit code {w.proc.returncode}"
+        if w.record.exists():
+            w.data = json.loads(w.record.read_text())
+        for f in out.glob(f"{name}__*/**/*.safetensors"):  # the exported models are not needed
+            f.unlink()
+        if w.failed:
+            tail = (out / f"{name}__{w.label.replace(':', '_')}.log").read_text().splitlines()[-15:]
+            print(f"[bench] {name} {w.label} FAILED ({w.failed}):\n    " + "\n    ".join(tail), flush=True)
+    return workers
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+WORK_KEYS = [("optimizer_steps", "opt steps"), ("sampled_seqs", "sampled seqs"), ("sampled_tokens", "sampled tokens"),
+             ("decode_forwards", "decode fwds"), ("fwd_nograd_calls", "no-grad fwds"),
+             ("fwd_nograd_rows", "no-grad rows"), ("fwd_nograd_positions", "no-grad positions"),
+             ("fwd_grad_calls", "grad fwds"), ("fwd_grad_rows", "grad rows"), ("fwd_grad_positions", "grad positions"),
+             ("backward_calls", "backwards")]
+EQUAL_KEYS = ["optimizer_steps", "sampled_seqs", "fwd_nograd_rows", "fwd_grad_rows", "backward_calls"]
+
+
+def per_step(w: Worker, warmup: int = WARMUP) -> list[dict]:
+    """Timed steps after warm-up: {'s': seconds, work counters..., metrics}."""
+    steps, out = w.data.get("steps", []), []
+    for prev, cur in zip([None] + steps, steps):
+        if cur["step"] <= warmup or cur["t_go"] is None:
+            continue
+        base = prev["counts"] if prev else {}
+        work = {k: cur["counts"].get(k, 0.0) - base.get(k, 0.0) for k in cur["counts"]}
+        out.append({"s": cur["t_end"] - cur["t_go"], **work, "metrics": cur.get("metrics", {})})
+    return out
+
+
+def summarize(w: Worker) -> dict:
+    rows = per_step(w)
+    if not rows:
+        return {"label": w.label, "failed": w.failed or "no timed steps"}
+    times = [r["s"] for r in rows]
+    s = {"label": w.label, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+         "n": len(times), "failed": w.failed}
+    for k, _ in WORK_KEYS:
+        s[k] = statistics.mean(r.get(k, 0.0) for r in rows)
+    phases = ["generate_s", "reward_s", "fwd_nograd_s", "fwd_grad_s", "backward_s", "optimizer_s"]
+    s["phases"] = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in phases}
+    s["phases"]["other_s"] = statistics.mean(times) - sum(s["phases"].values())
+    s["mean_s"] = statistics.mean(times)
+    if rows[0]["metrics"]:  # our scripts: their own per-step timers
+        keys = sorted({k for r in rows for k in r["metrics"] if k.startswith("time/")})
+        s["script_timers"] = {k: statistics.mean(r["metrics"].get(k, 0.0) for r in rows) for k in keys}
+    return s
+
+
+def equal_work(a: dict, b: dict) -> str:
+    bad = [k for k in EQUAL_KEYS if abs(a.get(k, 0) - b.get(k, 0)) > 1e-6]
+    return "yes" if not bad else "NO: " + ", ".join(bad)
+
+
+def fmt(x, nd=3):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def plan(big_dir: str, quick: bool):
+    """(name, size, workers, steps) for every timing comparison. Tiny: our scripts' default batch sizes. 14M: RL with
+    8 prompts x 4 samples and offline methods with 32 examples per step, to keep the run within ~20 minutes.
+    --quick: every pair on the tiny model and GRPO on the 14M one, 4 steps each (2 timed)."""
+    common = ["--eval-every", "0", "--eval-size", "16"]
+    out = []
+    sizes = [("tiny", str(ROOT / "assets" / "sft"), 4 if quick else 22), ("14M", big_dir, 4 if quick else 12)]
+    for size, model, n in sizes:
+        b = 64 if size == "tiny" else 32  # offline batch (examples or pairs per step), one micro-batch
+        p, k = (16, 8) if size == "tiny" else (8, 4)  # RL prompts per step x samples per prompt
+        mb = 64 if size == "tiny" else 32
+        ga = p * k // mb
+        bs = ["--batch-size", str(b), "--micro-batch-size", str(b)]
+        tcfg = dict(model=model, steps=n, micro_batch_size=b, grad_accum=1, max_len=256)
+        out.append((f"sft-{size}", size, [
+            ours("train_sft.py", ["--model-path", model, "--steps", str(n), *bs, "--lr", "1e-3", "--warmup-steps", "50",
+                                  *common]),
+            trl("SFTTrainer", dict(tcfg, algo="sft", lr=1e-3, warmup_steps=50))], n))
+        out.append((f"rm-{size}", size, [
+            ours("train_rm.py", ["--model-path", model, "--steps", str(n), *bs, *common]),
+            trl("RewardTrainer", dict(tcfg, algo="rm", lr=3e-4, warmup_steps=50, lr_decay=True))], n))
+        if (ROOT / "dpo.py").exists():
+            out.append((f"dpo-{size}", size, [
+                ours("dpo.py", ["--model-path", model, "--steps", str(n), *bs, "--ref-on-the-fly", *common]),
+                trl("DPOTrainer", dict(tcfg, algo="dpo", lr=1e-4, warmup_steps=10, beta=0.1))], n))
+        if (ROOT / "kto.py").exists():
+            out.append((f"kto-{size}", size, [
+                ours("kto.py", ["--model-path", model, "--steps", str(n), *bs, "--ref-on-the-fly", *common]),
+                trl("KTOTrainer", dict(tcfg, algo="kto", lr=1e-4, warmup_steps=10, beta=0.1))], n))
+        rl = ["--model-path", model, "--steps", str(n), "--prompts-per-step", str(p), "--n-samples", str(k),
+              "--micro-batch-size", str(mb), "--max-new-tokens", "8", *common]
+        rcfg = dict(model=model, steps=n, micro_batch_size=mb, grad_accum=ga, n_samples=k, max_new_tokens=8)
+        grpo_cfg = dict(rcfg, algo="grpo", lr=1e-4, beta=0.04)
+        out.append((f"grpo-{size}", size, [ours("grpo.py", rl), trl("GRPOTrainer", grpo_cfg)], n))
+        has_vllm = "RolloutArgs" in (ROOT / "grpo.py").read_text() and importlib.util.find_spec("vllm")
+        if size == "14M" and has_vllm and not quick:  # our optional vLLM rollout backend, same comparison
+            out.append((f"grpo-{size}-vllm", size, [ours("grpo.py", rl + ["--rollout-backend", "vllm"]),
+                                                     trl("GRPOTrainer", grpo_cfg)], n))
+        out.append((f"rloo-{size}", size, [ours("rloo.py", rl), trl("RLOOTrainer", dict(rcfg, algo="rloo", lr=1e-4,
+                                                                                         beta=0.05))], n))
+        # TRL has no PPO and no REINFORCE++: both against our grpo at equal samples (their defaults: 16 x 4 on tiny)
+        p2, k2 = (16, 4) if size == "tiny" else (8, 4)
+        eq = ["--model-path", model, "--steps", str(n), "--prompts-per-step", str(p2), "--n-samples", str(k2),
+              "--max-new-tokens", "8", *common]
+        ppo_mb = p2 * k2 // 2  # ppo_max: 2 minibatches per epoch, one micro-batch each
+        rm = ["--reward-path", str(ROOT / "assets" / "rm") if size == "tiny" else model]
+        out.append((f"internal-{size}", size, [
+            ours("ppo_max.py", eq + rm + ["--micro-batch-size", str(ppo_mb), "--critic-warmup-steps", "0"]),
+            ours("reinforce_pp.py", eq + ["--micro-batch-size", str(p2 * k2)]),
+            ours("grpo.py", eq + ["--micro-batch-size", str(p2 * k2)])], n))
+    if quick:
+        out = [c for c in out if c[1] == "tiny" or c[0] == "grpo-14M"]
+    return out
+
+
+def learning(out: Path, steps: int, every: int):
+    """GRPO from assets/sft on addition, ours vs TRL, held-out greedy accuracy (500 problems, shared evaluator)
+    against training wall time (evaluation excluded), same 16 prompts x 8 samples, lr 1e-4, beta 0.04."""
+    model = str(ROOT / "assets" / "sft")
+    flags = ["--model-path", model, "--steps", str(steps), "--eval-every", "0", "--eval-size", "16"]
+    cfg = dict(algo="grpo", model=model, steps=steps, micro_batch_size=64, grad_accum=2, n_samples=8,
+               max_new_tokens=8, lr=1e-4, beta=0.04, learn_eval_every=every)
+    workers = run_group("learn-grpo", [ours("grpo.py", flags, learn_every=every), trl("GRPOTrainer", cfg)], steps,
+                        out)
+    curves = {}
+    for w in workers:
+        steps_ = w.data.get("steps", [])
+        clock, t = {0: 0.0}, 0.0
+        for s in steps_:
+            t += s["t_end"] - s["t_go"]
+            clock[s["step"]] = t
+        curves[w.label] = [(e["step"], clock.get(e["step"]), e["accuracy"]) for e in w.data.get("evals", [])]
+    return curves
+
+
+def time_to(curve, target):
+    for step, t, acc in curve:
+        if acc >= target - 1e-9:
+            return step, t
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 steps of every tiny pair and of GRPO-14M")
+    ap.add_argument("--only", default="", help="comma-separated comparison names (e.g. grpo-14M,learn); default all")
+    ap.add_argument("--out", default="", help="results directory (default runs/bench__<time>)")
+    ap.add_argument("--quiet-load", type=float, default=1.5, help="wait for the 1-minute load average to drop below")
+    ap.add_argument("--max-wait", type=float, default=None, help="total seconds to wait for a quiet machine, over the whole run (default 300; --quick 30)")
+    a = ap.parse_args()
+    out = Path(a.out or f"runs/bench__{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = Quiet(a.quiet_load, a.max_wait if a.max_wait is not None else (30 if a.quick else 300))
+    only = set(filter(None, a.only.split(",")))
+    started = time.time()
+    tmp = tempfile.TemporaryDirectory(prefix="bench_big_")
+    n_big = build_big_model(Path(tmp.name))
+    print(f"[bench] 14M model: {n_big / 1e6:.2f}M parameters in {tmp.name}; results in {out}", flush=True)
+    machine = machine_facts()
+    results = {"machine": machine, "quick": a.quick, "big_params": n_big, "comparisons": [], "learning": None}
+
+    for name, size, workers, n in plan(tmp.name, a.quick):
+        if only and name not in only and name.split("-")[0] not in only:
+            continue
+        before = quiet.wait()
+        t = time.time()
+        run_group(name, workers, n, out)
+        summ = [summarize(w) for w in workers]
+        results["comparisons"].append({"name": name, "size": size, "steps": n, "load_before": before,
+                                       "load_after": load1(), "wall_s": time.time() - t, "workers": summ})
+        line = "  ".join(f"{s['label']} {fmt(s.get('median_s'))} s/step" for s in summ)
+        print(f"[bench] {name}: {line}  (load {before:.2f}, {time.time() - t:.0f} s)", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    if not only or "learn" in only:
+        quiet.wait()
+        steps, every = (6, 3) if a.quick else (60, 5)
+        curves = learning(out, steps, every)
+        results["learning"] = {"steps": steps, "eval_every": every, "curves": curves}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    results["total_wall_s"] = time.time() - started
+    results["waited_for_quiet_s"] = quiet.waited
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report = render(results)
+    (out / "results.md").write_text(report)
+    print(report)
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m.get('mem_gib', '?')} GiB, Python {m['python']}, torch "
+             f"{m.get('torch', '?')}, transformers {m.get('transformers', '?')}, DeepSpeed {m.get('deepspeed', '?')}, "
+             f"TRL {m.get('trl', '?')}; 1 torch thread per process. Total {r.get('total_wall_s', 0) / 60:.1f} min, "
+             f"of which {r.get('waited_for_quiet_s', 0):.0f} s waiting for a quieter machine; the 1-minute load "
+             f"average before each comparison is in the last column.", ""]
+    lines += ["| comparison | size | ours | s/step | vs | s/step | ratio | work/step: opt steps, fwd rows, sampled tokens "
+              "(ours; other) | equal work | load |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def work(w):
+        return (f"{w.get('optimizer_steps', 0):.0f}, {w.get('fwd_grad_rows', 0) + w.get('fwd_nograd_rows', 0):.0f}, "
+                f"{w.get('sampled_tokens', 0):.0f}")
+
+    for c in r["comparisons"]:
+        ws = c["workers"]
+        base = ws[-1]
+        for w in ws[:-1]:
+            ratio = w["median_s"] / base["median_s"] if w.get("median_s") and base.get("median_s") else None
+            eq = equal_work(w, base) if ratio else (w.get("failed") or base.get("failed") or "?")
+            if c["name"].startswith("internal"):
+                eq = "equal samples" if w.get("sampled_seqs") == base.get("sampled_seqs") else "NO: samples"
+            lines.append(f"| {c['name']} | {c['size']} | {w['label'].split(':')[1]} | {fmt(w.get('median_s'))} | "
+                         f"{base['label']} | {fmt(base.get('median_s'))} | {fmt(ratio, 2)} | {work(w)}; {work(base)} | {eq} | "
+                         f"{c['load_before']:.1f} |")
+    lines += ["", "Work per timed step (mean), counted by the same hooks on both sides:", "",
+              "| comparison | side | " + " | ".join(n for _, n in WORK_KEYS) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in WORK_KEYS) + " |"]
+    for c in r["comparisons"]:
+        for w in c["workers"]:
+            if "median_s" in w:
+                lines.append(f"| {c['name']} | {w['label']} | " + " | ".join(f"{w.get(k, 0):.0f}" for k, _ in WORK_KEYS)
+                             + " |")
+    lines += ["", "Where a step's time goes (mean shares over the timed steps; hooks, same for both sides):", "",
+              "| comparison | side | s/step | generate | reward | no-grad fwd | grad fwd | backward | optimizer | other |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in r["comparisons"]:
+        for w in c["workers"]:
+            if "phases" in w:
+                ph, tot = w["phases"], w["mean_s"]
+                lines.append(f"| {c['name']} | {w['label']} | {tot:.3f} | " + " | ".join(
+                    f"{100 * ph[k] / tot:.0f}%" for k in ["generate_s", "reward_s", "fwd_nograd_s", "fwd_grad_s",
+                                                          "backward_s", "optimizer_s", "other_s"]) + " |")
+    lines += ["", "Our RL scripts' own timers (metrics.jsonl time/*), overhead = step - their sum:", "",
+              "| comparison | script | s/step | generate | score | forward (ref/old/critic) | train | weight sync | overhead |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in r["comparisons"]:
+        for w in c["workers"]:
+            st = w.get("script_timers")
+            if st and "time/generate" in st:
+                tot = w["mean_s"]
+                over = tot - sum(st.values())
+                lines.append(f"| {c['name']} | {w['label'].split(':')[1]} | {tot:.3f} | " + " | ".join(
+                    f"{100 * st.get(k, 0) / tot:.0f}%" for k in ["time/generate", "time/score", "time/forward",
+                                                                 "time/train", "time/weight_sync"])
+                             + f" | {100 * over / tot:.0f}%{' (!)' if over / tot > 0.10 else ''} |")
+    lr = r.get("learning")
+    if lr:
+        curves = lr["curves"]
+        lines += ["", f"Learning efficiency: GRPO from assets/sft, 16 prompts x 8 samples, {lr['steps']} steps, held-out "
+                  "greedy accuracy (500 problems) vs training time (evaluation excluded):", "",
+                  "| side | " + " | ".join(f"step {s}" for s, _, _ in next(iter(curves.values()))) + " |",
+                  "| --- | " + " | ".join("---" for _ in next(iter(curves.values()))) + " |"]
+        for label, curve in curves.items():
+            lines.append(f"| {label} | " + " | ".join(f"{acc:.3f} @ {fmt(t, 1)} s" for _, t, acc in curve) + " |")
+        trl_curve = next((c for l, c in curves.items() if l.startswith("trl")), None)
+        our_curve = next((c for l, c in curves.items() if l.startswith("ours")), None)
+        if trl_curve and our_curve:
+            target = statistics.mean(acc for _, _, acc in trl_curve[-3:])  # TRL's final accuracy, last 3 evals
+            (ts, tt), (os_, ot) = time_to(trl_curve, target), time_to(our_curve, target)
+            ratio = ot / tt if ot is not None and tt else None
+            lines += ["", f"Target = TRL's final held-out accuracy (mean of its last 3 evaluations) {target:.3f}: TRL "
+                      f"first reached it at step {ts} ({fmt(tt, 1)} s), ours at step {os_} ({fmt(ot, 1)} s); "
+                      f"ours/TRL time {fmt(ratio, 2)}.", "",
+                      "| accuracy reached | ours (grpo.py) | TRL (GRPOTrainer) | ours/TRL time |",
+                      "| --- | --- | --- | --- |"]
+            for level in (0.5, 0.6, 0.65, 0.7):
+                times = [time_to(c, level) for c in (our_curve, trl_curve)]
+                r_ = times[0][1] / times[1][1] if times[0][1] is not None and times[1][1] else None
+                lines.append(f"| {level:.2f} | " + " | ".join(f"step {s_} ({fmt(t_, 1)} s)" if t_ is not None else
+                                                            "not reached" for s_, t_ in times) + f" | {fmt(r_, 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
