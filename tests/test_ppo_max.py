@@ -116,7 +116,7 @@ def test_critic_warmup_leaves_the_policy_bit_identical(tmp_path):
     assert [r["train/policy_updated"] for r in rows] == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("ranks,extra", [(0, ["--preset", "vanilla"]), (2, ["--zero-stage", "3"])])
+@pytest.mark.parametrize("ranks,extra", [(0, ["--preset", "vanilla"]), (2, ["--zero-stage", "3", "--prompts-per-step", "8"])])
 def test_runs_end_to_end(tmp_path, ranks, extra):
     out = tmp_path / "run"
     run_script("ppo_max.py", *FAST, "--steps", "2", "--critic-warmup-steps", "1", "--output-dir", out, *extra,
