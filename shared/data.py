@@ -8,7 +8,6 @@ Every response ends with exactly one EOS token (a trailing EOS in the data is no
 """
 import csv
 import json
-import os
 import random
 from pathlib import Path
 
@@ -288,7 +287,3 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world: int, name: 
 
 def micro_batches(items: list, micro: int):
     return [items[i: i + micro] for i in range(0, len(items), micro)]
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")
