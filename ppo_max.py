@@ -338,7 +338,7 @@ def main(args: Args):
                                    args.micro_batch_size)
             ref_logprobs = chunked(lambda i, a: rollout.response_logprobs(ref, i, a, p_len, args.temperature), ro,
                                    args.micro_batch_size)
-            old_values = chunked(lambda i, a: engine.token_scores(critic, i, a)[:, p_len - 1: -1], ro,
+            old_values = chunked(lambda i, a: engine.token_scores(critic, i, a, p_len), ro,
                                  args.micro_batch_size) * mask
         timing["forward"] = time.time() - t
 
@@ -359,7 +359,7 @@ def main(args: Args):
             for minibatch in torch.randperm(len(scores)).chunk(args.num_minibatches):
                 for idx in data.micro_batches(minibatch, args.micro_batch_size):
                     m, ids, attn = mask[idx], ro.input_ids[idx], ro.attention_mask[idx]
-                    values = engine.token_scores(critic, ids, attn)[:, p_len - 1: -1]
+                    values = engine.token_scores(critic, ids, attn, p_len)
                     v_loss = value_loss(values, old_values[idx], returns[idx], m, args.value_clip)
                     critic.backward(v_loss)
                     critic.step()

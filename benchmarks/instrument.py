@@ -41,6 +41,22 @@ def count_rollout(ro, seconds: float):
     COUNTS["sampled_tokens"] += ro.response_mask.sum().item()
 
 
+def generation(fn):
+    """Wrap a framework's own sampling function around HF generate (ours: shared.rollout.generate, which prefills
+    each distinct prompt once before calling it): its whole time is generation time, its forwards decode forwards."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t, outer = time.perf_counter(), not _state["in_generate"]
+        _state["in_generate"] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _state["in_generate"] -= 1
+            if outer:
+                COUNTS["generate_s"] += time.perf_counter() - t
+    return wrapper
+
+
 def timed_reward(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -66,13 +82,14 @@ def install(eos_id: int = 1):
     @functools.wraps(generate)
     def counted_generate(self, *args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        t = time.perf_counter()
+        t, outer = time.perf_counter(), not _state["in_generate"]
         _state["in_generate"] += 1
         try:
             out = generate(self, *args, **kwargs)
         finally:
             _state["in_generate"] -= 1
-        COUNTS["generate_s"] += time.perf_counter() - t
+        if outer:
+            COUNTS["generate_s"] += time.perf_counter() - t
         COUNTS["generate_calls"] += 1
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
         if ids is not None:
@@ -99,8 +116,12 @@ def install(eos_id: int = 1):
             return out
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         kind = "fwd_grad" if torch.is_grad_enabled() else "fwd_nograd"
-        COUNTS[f"{kind}_calls"] += 1
-        COUNTS[f"{kind}_rows"] += x.shape[0]
+        # ours with repeated prompts (shared.engine.response_forward): one pass over a batch is two calls, the
+        # distinct prompts (use_cache=True) then every row's response on their shared cache (past_key_values):
+        # it counts once, with the rows of the second call and the positions of both
+        if not (kwargs.get("use_cache") is True and kwargs.get("past_key_values") is None):
+            COUNTS[f"{kind}_calls"] += 1
+            COUNTS[f"{kind}_rows"] += x.shape[0]
         COUNTS[f"{kind}_positions"] += x.shape[0] * x.shape[1]
         COUNTS[f"{kind}_s"] += dt
         return out

@@ -66,6 +66,7 @@ def main():
         return out
 
     rollout.greedy_eval = gated_greedy_eval
+    rollout.generate = instrument.generation(rollout.generate)
     generator = getattr(rollout, "Generator", None)  # --rollout-backend (hf | vllm), where the scripts have it
     if generator is not None:
         sample = generator.generate

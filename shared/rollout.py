@@ -25,7 +25,7 @@ import torch
 
 from shared.data import pad
 from shared.dist import UserError, at_finish
-from shared.engine import gathered, position_ids
+from shared.engine import gathered, position_ids, response_forward
 
 
 @dataclass
@@ -61,11 +61,17 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: f
     was_training = module.training
     module.eval()
     with gathered(model):
+        cache = None
+        if n > 1 and ids.shape[1] > 1:  # prefill each prompt once (all but its last token) and share the cache
+            once, once_mask = ids[::n, :-1], mask[::n, :-1]
+            cache = module(input_ids=once, attention_mask=once_mask, position_ids=position_ids(once_mask),
+                           use_cache=True).past_key_values
+            cache.batch_repeat_interleave(n)
         out = module.generate(
-            input_ids=ids, attention_mask=mask, do_sample=not greedy, temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None, top_k=0 if not greedy else None, max_new_tokens=max_new_tokens,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
-            output_logits=True, use_cache=True)
+            input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=not greedy,
+            temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
+            top_k=0 if not greedy else None, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True, use_cache=True)
     module.train(was_training)
     prompt_len = ids.shape[1]
     responses = out.sequences[:, prompt_len:]
@@ -250,8 +256,7 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
                       with_entropy: bool = False):
     """Teacher-forced log-probs of the response tokens (N, R) under `model`, with the sampler's temperature;
     optionally also the per-token entropy of that distribution."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits[:, prompt_len - 1: -1].float() / temperature
+    logits = response_forward(model, input_ids, attention_mask, prompt_len).float() / temperature
     logp_all = torch.log_softmax(logits, -1)
     logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
     if with_entropy:

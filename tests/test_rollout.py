@@ -75,3 +75,45 @@ def test_greedy_is_deterministic(tokenizer):
     a = rollout.generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=6)
     b = rollout.generate(model, tokenizer, PROMPTS, greedy=True, max_new_tokens=6)
     assert torch.equal(a.input_ids, b.input_ids)
+
+
+def test_shared_prompt_forward_matches_the_plain_forward_and_its_gradients(tokenizer):
+    """Repeated prompts run once with their cache shared (engine.response_forward): the log-probs, a critic's values
+    and every parameter gradient must equal one plain forward over the full padded rows (rows shuffled, as in a PPO
+    minibatch; ragged prompts, one of a single token)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from shared import engine
+
+    model = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id).train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ro = rollout.generate(model, tokenizer, PROMPTS, n=4, max_new_tokens=7)
+    perm = torch.randperm(len(ro.input_ids))
+    ids, mask, p_len, rmask = ro.input_ids[perm], ro.attention_mask[perm], ro.prompt_len, ro.response_mask[perm]
+
+    def plain(m):  # the whole row at once, no cache
+        logits = m(input_ids=ids, attention_mask=mask, position_ids=engine.position_ids(mask)).logits
+        return torch.log_softmax(logits[:, p_len - 1: -1].float(), -1).gather(-1, ids[:, p_len:, None]).squeeze(-1)
+
+    def grads(m, fn):
+        m.zero_grad()
+        (fn(m) * rmask).sum().backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    shared_lp = rollout.response_logprobs(model, ids, mask, p_len)
+    assert ((shared_lp - plain(model)) * rmask).abs().max() <= 1e-5
+    g_plain, g_shared = grads(model, plain), grads(model, lambda m: rollout.response_logprobs(m, ids, mask, p_len))
+    for k in g_plain:
+        assert torch.allclose(g_shared[k], g_plain[k], rtol=1e-4, atol=1e-6), k
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_labels=1, pad_token_id=None)
+    torch.manual_seed(4)
+    critic = LlamaForSequenceClassification(cfg)
+    full = engine.token_scores(critic, ids, mask)[:, p_len - 1: -1]
+    assert ((engine.token_scores(critic, ids, mask, p_len) - full) * rmask).abs().max() <= 1e-5
+    # distinct prompts (nothing to share): the plain path, same numbers
+    one_each = torch.cat([(ro.prompt_index[perm] == i).nonzero()[:1, 0] for i in range(len(PROMPTS))])
+    sub = rollout.response_logprobs(model, ids[one_each], mask[one_each], p_len)
+    assert ((sub - shared_lp[one_each]) * rmask[one_each]).abs().max() <= 1e-5
