@@ -72,12 +72,13 @@ class Args(RunArgs, DataArgs):
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, average: bool = False):
+def sequence_logps(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
+                   average: bool = False):
     """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,); with average=True divided by the number
-    of response tokens. logits (N, L, V) predict input_ids shifted by one; response_mask (N, L) is 1 on response
-    tokens (EOS included), 0 on prompt and padding."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = response_mask[:, 1:].float()
+    of response tokens. logits (N, R, V) predict the response tokens responses (N, R); response_mask (N, R) is 1 on
+    response tokens (EOS included), 0 on padding."""
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
+    mask = response_mask.float()
     total = (logprobs * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
@@ -105,12 +106,14 @@ def pair_accuracy(reward_margin: torch.Tensor) -> float:
 
 
 def pair_logps(model, pairs: list[dict], pad_id: int, device, average: bool = False):
-    """Sequence log-probs (chosen (B,), rejected (B,)) in ONE forward over the concatenated, right-padded batch."""
+    """Sequence log-probs (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch; each pair's prompt is
+    computed once for its two responses (engine.response_forward)."""
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    batch = {k: v.to(device) for k, v in data.collate(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=engine.position_ids(batch["attention_mask"])).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"], average)
+    b = data.collate_responses(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id)
+    ids, mask, rmask = (b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
+    p_len = b["prompt_len"]
+    logits = engine.response_forward(model, ids, mask, p_len)
+    logps = sequence_logps(logits, ids[:, p_len:], rmask, average)
     return logps[: len(pairs)], logps[len(pairs):]
 
 

@@ -75,11 +75,11 @@ class Args(RunArgs, DataArgs):
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,). logits (N, L, V) predict input_ids
-    shifted by one; response_mask (N, L) is 1 on response tokens (EOS included), 0 on prompt and padding."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (logprobs * response_mask[:, 1:].float()).sum(-1)
+def sequence_logps(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,). logits (N, R, V) predict the response
+    tokens responses (N, R); response_mask (N, R) is 1 on response tokens (EOS included), 0 on padding."""
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
+    return (logprobs * response_mask.float()).sum(-1)
 
 
 def mismatched(examples: list[dict], max_len: int) -> list[dict]:
@@ -134,12 +134,12 @@ def split_examples(rows: list[dict], tok, args, what: str, log) -> tuple[list[di
 
 
 def batch_logps(model, examples: list[dict], pad_id: int, device) -> torch.Tensor:
-    """Sequence log-probs (N,) of right-padded examples in one forward."""
-    batch = {k: v.to(device) for k, v in data.collate([e["input_ids"] for e in examples],
-                                                      [e["prompt_len"] for e in examples], pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=engine.position_ids(batch["attention_mask"])).logits
-    return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+    """Sequence log-probs (N,) of the examples in one pass; examples sharing a prompt (a split pair, an example and
+    its mismatched KL row) compute it once (engine.response_forward)."""
+    b = data.collate_responses([e["input_ids"] for e in examples], [e["prompt_len"] for e in examples], pad_id)
+    ids, mask, rmask = (b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
+    p_len = b["prompt_len"]
+    return sequence_logps(engine.response_forward(model, ids, mask, p_len), ids[:, p_len:], rmask)
 
 
 @torch.no_grad()

@@ -103,9 +103,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_forward(call, input_ids, attention_mask, prompt_len: int, field: str = "logits") -> torch.Tensor:
+def response_forward(call, input_ids, attention_mask, prompt_len: int, field: str = "logits",
+                     to_end: bool = False) -> torch.Tensor:
     """`call(...)`'s output `field` at positions prompt_len - 1 .. L - 2: the ones that predict (or, for a critic,
-    value) the response tokens of a rollout laid out as [left-padded prompt | response].
+    value) the response tokens of a rollout laid out as [left-padded prompt | response]; to L - 1 with to_end.
 
     When prompts repeat (n samples per prompt), each distinct prompt is run once and its key/value cache is shared by
     its samples, which then run only their response tokens: the same numbers up to float rounding (and the same
@@ -115,30 +116,31 @@ def response_forward(call, input_ids, attention_mask, prompt_len: int, field: st
     prompts, inverse = torch.unique(torch.cat([input_ids[:, :prompt_len], attention_mask[:, :prompt_len]], 1), dim=0,
                                     return_inverse=True)
     module = getattr(call, "module", call)
-    share = (2 * len(prompts) <= len(input_ids) and input_ids.shape[1] - prompt_len >= 2
+    end = input_ids.shape[1] - (0 if to_end else 1)
+    share = (2 * len(prompts) <= len(input_ids) and end > prompt_len
              and not (module.training and getattr(module, "is_gradient_checkpointing", False)))  # (no cache then)
     if not share:
         out = call(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos)
-        return getattr(out, field)[:, prompt_len - 1: -1]
+        return getattr(out, field)[:, prompt_len - 1: end]
     first = torch.empty(len(prompts), dtype=torch.long, device=inverse.device).scatter_(
         0, inverse, torch.arange(len(inverse), device=inverse.device))  # one row holding each distinct prompt
     head = call(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
                 position_ids=pos[first, :prompt_len], use_cache=True)
     cache = head.past_key_values
     cache.reorder_cache(inverse)  # (prompts, ...) -> (rows, ...), differentiable
-    tail = call(input_ids=input_ids[:, prompt_len:-1], attention_mask=attention_mask[:, :-1],
-                position_ids=pos[:, prompt_len:-1], past_key_values=cache, use_cache=True)
+    tail = call(input_ids=input_ids[:, prompt_len:end], attention_mask=attention_mask[:, :end],
+                position_ids=pos[:, prompt_len:end], past_key_values=cache, use_cache=True)
     return torch.cat([getattr(head, field)[inverse, -1:], getattr(tail, field)], 1)
 
 
-def token_scores(model, input_ids, attention_mask, prompt_len: int | None = None) -> torch.Tensor:
+def token_scores(model, input_ids, attention_mask, prompt_len: int | None = None, to_end: bool = False):
     """Scalar head of a score model on every position, (batch, seq_len); a reward is read at the last real token.
-    With `prompt_len` (a critic on a rollout): on the positions that value the response tokens only, (batch, R),
-    with repeated prompts computed once (`response_forward`)."""
+    With `prompt_len` ([prompt | response] rows): on positions prompt_len - 1 .. L - 2 (those a critic uses), or to
+    L - 1 with to_end, with repeated prompts computed once (`response_forward`)."""
     model = getattr(model, "module", model)
     base = getattr(model, model.base_model_prefix)
     if prompt_len is not None:
-        hidden = response_forward(base, input_ids, attention_mask, prompt_len, "last_hidden_state")
+        hidden = response_forward(base, input_ids, attention_mask, prompt_len, "last_hidden_state", to_end)
     else:
         hidden = base(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids(attention_mask)).last_hidden_state

@@ -37,6 +37,18 @@ def test_sft_then_rm_run_and_their_outputs_reload(tmp_path, ranks):
         ours = engine.token_scores(classifier, batch, mask).gather(1, engine.last_token_index(mask)[:, None]).squeeze(1)
         single = torch.stack([classifier(input_ids=torch.tensor([i])).logits[0, 0] for i in ids])
     assert torch.allclose(hf_scores, single, atol=1e-5) and torch.allclose(ours, single, atol=1e-5)
+    # train_rm's pair scoring (prompt computed once per pair, cache shared) == the classifier on each sequence alone
+    import train_rm
+
+    rows = [("12+30=", "42<eos>", "4<eos>"), ("1+1=", "2<eos>", "11<eos>"), ("7+85=", "92", "29<eos>")]
+    pairs = [{"prompt_len": len(tok(p)["input_ids"]), "chosen_ids": tok(p + c)["input_ids"],
+              "rejected_ids": tok(p + r)["input_ids"]} for p, c, r in rows]
+    with torch.no_grad():
+        chosen, rejected = train_rm.score_pairs(classifier, pairs, tok.pad_token_id, "cpu")
+        alone = [[classifier(input_ids=torch.tensor([p[k]])).logits[0, 0] for p in pairs]
+                 for k in ("chosen_ids", "rejected_ids")]
+    assert torch.allclose(chosen, torch.stack(alone[0]), atol=1e-5)
+    assert torch.allclose(rejected, torch.stack(alone[1]), atol=1e-5)
 
 
 def bad_run(tmp_path, *args, script="train_sft.py"):
