@@ -251,12 +251,13 @@ def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
 
 
 def collate_responses(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
-    """The rollout layout for teacher-forced responses (DPO/KTO): input_ids and attention_mask (N, P + R) with
-    prompts LEFT-padded to P and responses RIGHT-padded to R, response_mask (N, R) (EOS included), prompt_len P.
-    Rows that share a prompt then share its forward (shared.engine.response_forward)."""
+    """The rollout layout for scored responses (RM, DPO, KTO): input_ids and attention_mask (N, P + R) with prompts
+    LEFT-padded to P and responses RIGHT-padded to R, response_mask (N, R) (EOS included), prompt_len P. Rows that
+    share a prompt then share its forward (shared.engine.response_forward)."""
     prompts, prompt_mask = pad([s[:k] for s, k in zip(seqs, prompt_lens)], pad_id, left=True)
     responses, response_mask = pad([s[k:] for s, k in zip(seqs, prompt_lens)], pad_id)
-    return {"input_ids": torch.cat([prompts, responses], 1), "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+    return {"input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
             "response_mask": response_mask.bool(), "prompt_len": prompts.shape[1]}
 
 
