@@ -119,6 +119,10 @@ def response_forward(call, input_ids, attention_mask, prompt_len: int, field: st
     end = input_ids.shape[1] - (0 if to_end else 1)
     share = (2 * len(prompts) <= len(input_ids) and end > prompt_len
              and not (module.training and getattr(module, "is_gradient_checkpointing", False)))  # (no cache then)
+    if hasattr(next(module.parameters()), "ds_id"):  # ZeRO-3: each call gathers parameters, so every rank must make
+        agreed = torch.tensor([float(share)], device=input_ids.device)  # the same calls: share only if all ranks do
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        share = bool(agreed.item())
     if not share:
         out = call(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos)
         return getattr(out, field)[:, prompt_len - 1: end]

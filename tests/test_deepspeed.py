@@ -10,7 +10,7 @@ from conftest import ROOT, run_script
 @pytest.mark.parametrize("stage,ranks", [(0, 0), (2, 0), (3, 0), (3, 2)])
 def test_zero_step_export_and_reload_give_identical_outputs(tiny_model_dir, tmp_path, stage, ranks):
     out = tmp_path / "export"
-    run_script(str(ROOT / "tests" / "zero_worker.py"), tiny_model_dir, stage, out, ranks=ranks)
+    run_script(str(ROOT / "tests" / "zero_worker.py"), tiny_model_dir, stage, out, ranks=ranks, timeout=300)
     expected = torch.load(out / "expected.pt", weights_only=True)
     assert expected["world"] == max(ranks, 1)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
