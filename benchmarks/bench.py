@@ -2,7 +2,7 @@
 
 Run through benchmarks/run.sh (it activates the environment, installs TRL into its own folder and sets 1 thread):
 
-    bash benchmarks/run.sh            # full run: ~10-12 min measuring + up to 5 min waiting for a quiet machine
+    bash benchmarks/run.sh            # full run: ~9 min measuring + up to 5 min waiting for a quiet machine
     bash benchmarks/run.sh --quick    # smoke run, ~3 min
 
 Method (README, "Benchmarks"):

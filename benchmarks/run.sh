@@ -2,7 +2,7 @@
 # The benchmark's one entry point: ours vs TRL 1.16.0, time per step, equal-work counters, learning efficiency and
 # per-phase profiles. Usage (from anywhere):
 #
-#   bash benchmarks/run.sh            # full run: ~10-12 min measuring + up to 5 min waiting for a quiet machine
+#   bash benchmarks/run.sh            # full run: ~9 min measuring + up to 5 min waiting for a quiet machine
 #   bash benchmarks/run.sh --quick    # smoke run, ~3 min
 #
 # TRL is a benchmark-only dependency: it is installed with --no-deps into its own folder, $RLHF_HOME/trl-1.16.0 (its
