@@ -123,14 +123,16 @@ def response_forward(call, input_ids, attention_mask, prompt_len: int, field: st
         agreed = torch.tensor([float(share)], device=input_ids.device)  # the same calls: share only if all ranks do
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
         share = bool(agreed.item())
-    if not share:
+    cache = None
+    if share:
+        first = torch.empty(len(prompts), dtype=torch.long, device=inverse.device).scatter_(
+            0, inverse, torch.arange(len(inverse), device=inverse.device))  # one row holding each distinct prompt
+        head = call(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
+                    position_ids=pos[first, :prompt_len], use_cache=True)
+        cache = head.past_key_values
+    if cache is None:  # nothing to share (or a model that returns no cache): one plain forward
         out = call(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos)
         return getattr(out, field)[:, prompt_len - 1: end]
-    first = torch.empty(len(prompts), dtype=torch.long, device=inverse.device).scatter_(
-        0, inverse, torch.arange(len(inverse), device=inverse.device))  # one row holding each distinct prompt
-    head = call(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
-                position_ids=pos[first, :prompt_len], use_cache=True)
-    cache = head.past_key_values
     cache.reorder_cache(inverse)  # (prompts, ...) -> (rows, ...), differentiable
     tail = call(input_ids=input_ids[:, prompt_len:end], attention_mask=attention_mask[:, :end],
                 position_ids=pos[:, prompt_len:end], past_key_values=cache, use_cache=True)
