@@ -109,9 +109,7 @@ def pair_logps(model, pairs: list[dict], pad_id: int, device, average: bool = Fa
     """Sequence log-probs (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch; each pair's prompt is
     computed once for its two responses (engine.response_forward)."""
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    b = data.collate_responses(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id)
-    ids, mask, rmask = (b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
-    p_len = b["prompt_len"]
+    ids, mask, rmask, p_len = data.collate_responses(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id, device)
     logits = engine.response_forward(model, ids, mask, p_len)
     logps = sequence_logps(logits, ids[:, p_len:], rmask, average)
     return logps[: len(pairs)], logps[len(pairs):]

@@ -136,9 +136,8 @@ def split_examples(rows: list[dict], tok, args, what: str, log) -> tuple[list[di
 def batch_logps(model, examples: list[dict], pad_id: int, device) -> torch.Tensor:
     """Sequence log-probs (N,) of the examples in one pass; examples sharing a prompt (a split pair, an example and
     its mismatched KL row) compute it once (engine.response_forward)."""
-    b = data.collate_responses([e["input_ids"] for e in examples], [e["prompt_len"] for e in examples], pad_id)
-    ids, mask, rmask = (b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
-    p_len = b["prompt_len"]
+    ids, mask, rmask, p_len = data.collate_responses([e["input_ids"] for e in examples],
+                                                     [e["prompt_len"] for e in examples], pad_id, device)
     return sequence_logps(engine.response_forward(model, ids, mask, p_len), ids[:, p_len:], rmask)
 
 

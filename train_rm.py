@@ -52,10 +52,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 def score_pairs(model, pairs, pad_id, device):
     """Scores (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch, read at the last real token;
     each pair's prompt is computed once for its two responses (engine.response_forward)."""
-    b = data.collate_responses([p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs],
-                               [p["prompt_len"] for p in pairs] * 2, pad_id)
-    ids, mask, rmask = (b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
-    values = engine.token_scores(model, ids, mask, b["prompt_len"], to_end=True)  # positions prompt_len - 1 .. end
+    seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    ids, mask, rmask, p_len = data.collate_responses(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id, device)
+    values = engine.token_scores(model, ids, mask, p_len, to_end=True)  # positions prompt_len - 1 .. end
     scores = values.gather(1, rmask.sum(1, keepdim=True)).squeeze(1)  # index len(response): its last token
     return scores[: len(pairs)], scores[len(pairs):]
 

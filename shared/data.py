@@ -250,15 +250,14 @@ def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask}
 
 
-def collate_responses(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
-    """The rollout layout for scored responses (RM, DPO, KTO): input_ids and attention_mask (N, P + R) with prompts
-    LEFT-padded to P and responses RIGHT-padded to R, response_mask (N, R) (EOS included), prompt_len P. Rows that
-    share a prompt then share its forward (shared.engine.response_forward)."""
+def collate_responses(seqs: list[list[int]], prompt_lens: list[int], pad_id: int, device="cpu"):
+    """The rollout layout for scored responses (RM, DPO, KTO): (input_ids, attention_mask, response_mask, P) with
+    input_ids and attention_mask (N, P + R), prompts LEFT-padded to P and responses RIGHT-padded to R, response_mask
+    (N, R) (EOS included). Rows that share a prompt then share its forward (shared.engine.response_forward)."""
     prompts, prompt_mask = pad([s[:k] for s, k in zip(seqs, prompt_lens)], pad_id, left=True)
     responses, response_mask = pad([s[k:] for s, k in zip(seqs, prompt_lens)], pad_id)
-    return {"input_ids": torch.cat([prompts, responses], 1),
-            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
-            "response_mask": response_mask.bool(), "prompt_len": prompts.shape[1]}
+    return (torch.cat([prompts, responses], 1).to(device), torch.cat([prompt_mask, response_mask], 1).to(device),
+            response_mask.bool().to(device), prompts.shape[1])
 
 
 class Sampler:
