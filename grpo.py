@@ -198,9 +198,10 @@ def main(args: Args):
             ref_logprobs = rollout.response_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_len,
                                                      args.temperature) if ref is not None else None
             reuse_old = args.ppo_epochs == 1 and args.num_minibatches == 1  # old == current policy: skip a forward
-            old_logprobs = None if reuse_old else torch.cat([rollout.response_logprobs(
-                policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, args.temperature)
-                for mb in data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)])
+            if not reuse_old:  # the sampler's log-probs when exact (HF backend in fp32), else a recomputation
+                old_logprobs = ro.logprobs if generator.exact_logprobs else torch.cat([rollout.response_logprobs(
+                    policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, args.temperature)
+                    for mb in data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)])
         timing["forward"] = time.time() - t
 
         # 5. clipped-surrogate + k3 KL updates over minibatches

@@ -329,13 +329,14 @@ def main(args: Args):
         if not torch.isfinite(scores).all():
             raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
 
-        # 3. old log-probs, reference log-probs and values: one forward each, micro-batched
+        # 3. old log-probs (the sampler's when exact: HF backend in fp32), reference log-probs and values
         t = time.time()
         mask = ro.response_mask.float()
         p_len = ro.prompt_len
         with torch.no_grad():
-            old_logprobs = chunked(lambda i, a: rollout.response_logprobs(policy, i, a, p_len, args.temperature), ro,
-                                   args.micro_batch_size)
+            old_logprobs = ro.logprobs if generator.exact_logprobs else chunked(
+                lambda i, a: rollout.response_logprobs(policy, i, a, p_len, args.temperature), ro,
+                args.micro_batch_size)
             ref_logprobs = chunked(lambda i, a: rollout.response_logprobs(ref, i, a, p_len, args.temperature), ro,
                                    args.micro_batch_size)
             old_values = chunked(lambda i, a: engine.token_scores(critic, i, a, p_len), ro,

@@ -166,13 +166,14 @@ def main(args: Args):
         if not torch.isfinite(scores).all():
             raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
 
-        # 4. old and reference log-probs; token rewards, returns, globally whitened advantages
+        # 4. old (the sampler's when exact: HF backend in fp32) and reference log-probs; token rewards, returns,
+        # globally whitened advantages
         t = time.time()
         mask = ro.response_mask.float()
         with torch.no_grad():
             chunks = data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)
-            old_logprobs = torch.cat([rollout.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb],
-                                                                ro.prompt_len, args.temperature) for mb in chunks])
+            old_logprobs = ro.logprobs if generator.exact_logprobs else torch.cat([rollout.response_logprobs(
+                policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, args.temperature) for mb in chunks])
             ref_logprobs = torch.cat([rollout.response_logprobs(ref, ro.input_ids[mb], ro.attention_mask[mb],
                                                                 ro.prompt_len, args.temperature) for mb in chunks]) \
                 if ref is not None else old_logprobs

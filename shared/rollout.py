@@ -107,6 +107,11 @@ class Generator:
         self.backend = resolve_backend(args.rollout_backend, ctx)
         self.policy, self.tok, self.ctx, self.seed, self.calls = policy, tok, ctx, args.seed, 0
         self.llm, self.asleep = None, False
+        # The HF backend samples from the policy itself: in fp32 its log-probs ARE the trainer's recomputation (up to
+        # float rounding, tests/test_rollout.py), so the RL scripts take them as the old log-probs instead of running
+        # a second forward. vLLM's (other kernels) and bf16 ones differ: those are recomputed.
+        module = getattr(policy, "module", policy)
+        self.exact_logprobs = self.backend == "hf" and next(module.parameters()).dtype == torch.float32
         if self.backend == "hf":
             return
         if ctx.world % args.vllm_tp_size:
@@ -117,7 +122,6 @@ class Generator:
         t = time.time()
         from vllm import LLM
 
-        module = getattr(policy, "module", policy)
         config, path = module.config, args.model_path
         if path == "tiny":  # built in code: give vLLM a directory holding its config
             self._config_dir = tempfile.TemporaryDirectory(prefix="vllm_config_")

@@ -46,6 +46,28 @@ def test_sampler_logprobs_match_teacher_forcing_and_masks_are_right(tokenizer):
     assert ro.prompt_index.tolist() == [0] * 8 + [1] * 8 + [2] * 8
 
 
+def test_sampler_logprobs_stand_in_for_the_old_forward_only_when_exact(tokenizer):
+    """The RL scripts skip their old-log-prob forward when `Generator.exact_logprobs` (HF backend, fp32 policy):
+    the rollout's log-probs must then equal what that forward gives (train mode, micro-batched as the scripts run it);
+    a bf16 policy's are recomputed."""
+    from types import SimpleNamespace
+
+    from shared import data
+
+    args, ctx = SimpleNamespace(rollout_backend="hf", seed=0), SimpleNamespace(device=torch.device("cpu"))
+    policy = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id).train()
+    generator = rollout.Generator(args, policy, tokenizer, ctx)
+    assert generator.exact_logprobs
+    torch.manual_seed(5)
+    ro = generator.generate(PROMPTS, 4, 1.3, 1.0, 9)
+    with torch.no_grad():
+        old = torch.cat([rollout.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, 1.3)
+                         for mb in data.micro_batches(torch.arange(len(ro.input_ids)), 5)])
+    assert ro.response_mask.sum() > len(ro.input_ids)  # more than one token per response is compared
+    assert ((old - ro.logprobs) * ro.response_mask).abs().max() <= 1e-5
+    assert not rollout.Generator(args, copy.deepcopy(policy).bfloat16(), tokenizer, ctx).exact_logprobs
+
+
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 @torch.no_grad()
 def test_early_stops_limits_and_pad_equal_eos(tokenizer, pad_is_eos):
