@@ -76,9 +76,16 @@ def main():
             ro = sample(self, *args, **kwargs)
             if getattr(self, "backend", "hf") != "hf":  # HF generate is counted by its own hook
                 instrument.count_rollout(ro, time.perf_counter() - t)
+            self._rows = len(ro.input_ids)
             return ro
 
+        def reused_logprobs(self):  # a script asks (only) when it would otherwise run its old-log-prob forward:
+            if self._exact:  # when the answer is yes, that forward is replaced by the rollout's own log-probs
+                instrument.COUNTS["old_from_sampler_rows"] += getattr(self, "_rows", 0)
+            return self._exact
+
         generator.generate = counted_sample
+        generator.exact_logprobs = property(reused_logprobs, lambda self, v: setattr(self, "_exact", v))
     log = Tracker.log
 
     def logged(self, step, metrics, show=()):
