@@ -201,7 +201,8 @@ WORK_KEYS = [("optimizer_steps", "opt steps"), ("sampled_seqs", "sampled seqs"),
              ("decode_forwards", "decode fwds"), ("fwd_nograd_calls", "no-grad fwds"),
              ("fwd_nograd_rows", "no-grad rows"), ("fwd_nograd_positions", "no-grad positions"),
              ("fwd_grad_calls", "grad fwds"), ("fwd_grad_rows", "grad rows"), ("fwd_grad_positions", "grad positions"),
-             ("backward_calls", "backwards"), ("old_from_sampler_rows", "old log-probs from the sampler (rows)")]
+             ("backward_calls", "backwards"), ("decode_positions", "sampled positions"),
+             ("old_from_sampler_rows", "old log-probs from the sampler (rows)")]
 EQUAL_KEYS = ["optimizer_steps", "sampled_seqs", "fwd_nograd_rows", "fwd_grad_rows", "backward_calls"]
 
 
@@ -244,6 +245,13 @@ def equal_work(a: dict, b: dict) -> str:
     bad = [k for k in EQUAL_KEYS if abs(a.get(k, 0) - b.get(k, 0)) > 1e-6]
     note = f" (old log-probs: the sampler's, {reused:.0f} rows)" if reused else ""
     return ("yes" if not bad else "NO: " + ", ".join(bad)) + note
+
+
+def arithmetic(w: dict) -> float:
+    """A step's model arithmetic in forward token positions: a backward costs about two forwards, a sampled (decode
+    or prefill) position about one; attention over these short rows is a few percent. At the same arithmetic rate on
+    both sides the time ratio would be the ratio of these: the floor for the same precision on this machine."""
+    return w.get("decode_positions", 0) + w.get("fwd_nograd_positions", 0) + 3 * w.get("fwd_grad_positions", 0)
 
 
 def fmt(x, nd=3):
@@ -392,9 +400,9 @@ def render(r: dict) -> str:
              f"TRL {m.get('trl', '?')}; 1 torch thread per process. Total {r.get('total_wall_s', 0) / 60:.1f} min, "
              f"of which {r.get('waited_for_quiet_s', 0):.0f} s waiting for a quieter machine; the 1-minute load "
              f"average before each comparison is in the last column.", ""]
-    lines += ["| comparison | size | ours | s/step | vs | s/step | ratio | work/step: opt steps, fwd rows, sampled tokens "
-              "(ours; other) | equal work | load |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| comparison | size | ours | s/step | vs | s/step | ratio | arithmetic ratio | work/step: opt steps, fwd "
+              "rows, sampled tokens (ours; other) | equal work | load |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def work(w):
         return (f"{w.get('optimizer_steps', 0):.0f}, {w.get('fwd_grad_rows', 0) + w.get('fwd_nograd_rows', 0):.0f}, "
@@ -408,8 +416,11 @@ def render(r: dict) -> str:
             eq = equal_work(w, base) if ratio else (w.get("failed") or base.get("failed") or "?")
             if c["name"].startswith("internal"):
                 eq = "equal samples" if w.get("sampled_seqs") == base.get("sampled_seqs") else "NO: samples"
+            unseen = any(x.get("sampled_seqs", 0) and not x.get("decode_positions", 0) for x in (w, base))  # vLLM
+            arith = arithmetic(w) / arithmetic(base) if ratio and arithmetic(base) and not unseen else None
             lines.append(f"| {c['name']} | {c['size']} | {w['label'].split(':')[1]} | {fmt(w.get('median_s'))} | "
-                         f"{base['label']} | {fmt(base.get('median_s'))} | {fmt(ratio, 2)} | {work(w)}; {work(base)} | {eq} | "
+                         f"{base['label']} | {fmt(base.get('median_s'))} | {fmt(ratio, 2)} | {fmt(arith, 2)} | "
+                         f"{work(w)}; {work(base)} | {eq} | "
                          f"{c['load_before']:.1f} |")
     lines += ["", "Work per timed step (mean), counted by the same hooks on both sides:", "",
               "| comparison | side | " + " | ".join(n for _, n in WORK_KEYS) + " |",

@@ -110,11 +110,12 @@ def install(eos_id: int = 1):
         t = time.perf_counter()
         out = backbone(self, input_ids, *args, **kwargs)
         dt = time.perf_counter() - t
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if _state["in_generate"]:
             COUNTS["decode_forwards"] += 1
+            COUNTS["decode_positions"] += x.shape[0] * x.shape[1]
             COUNTS["decode_forward_s"] += dt
             return out
-        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         kind = "fwd_grad" if torch.is_grad_enabled() else "fwd_nograd"
         # ours with repeated prompts (shared.engine.response_forward): one pass over a batch is two calls, the
         # distinct prompts (use_cache=True) then every row's response on their shared cache (past_key_values):
