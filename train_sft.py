@@ -37,12 +37,22 @@ class Args(RunArgs, DataArgs):
     """generation length for the greedy exact-match eval on a built-in task"""
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def sft_loss(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over response tokens of -log p(y_t | x, y_<t).
-    logits (B, L, V) predict input_ids shifted by one; response_mask (B, L) marks the tokens that count."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = response_mask[:, 1:].float()
+    logits (B, R, V) at the positions that predict the response tokens `responses` (B, R); response_mask (B, R)
+    marks the real ones (not padding)."""
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
+    mask = response_mask.float()
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def response_logits(model, examples: list[dict], pad_id: int, device):
+    """(logits (B, R, V), responses (B, R), response_mask (B, R), attended tokens): prompts left-padded, responses
+    right-padded, and the LM head run only on the positions that predict a response token (no vocabulary-sized
+    logits over the prompt)."""
+    ids, mask, rmask, p_len = data.collate_responses([e["input_ids"] for e in examples],
+                                                     [e["prompt_len"] for e in examples], pad_id, device)
+    return engine.response_forward(model, ids, mask, p_len), ids[:, p_len:], rmask, int(mask.sum())
 
 
 @torch.no_grad()
@@ -51,12 +61,9 @@ def evaluate(model, tok, eval_examples, eval_prompts, task, args, ctx) -> dict:
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for mb in data.micro_batches(eval_examples[ctx.rank:: ctx.world], args.micro_batch_size):
-        batch = {k: v.to(ctx.device) for k, v in data.collate(
-            [e["input_ids"] for e in mb], [e["prompt_len"] for e in mb], tok.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n_tokens = batch["response_mask"][:, 1:].sum()
-        totals += torch.stack([sft_loss(logits, batch["input_ids"], batch["response_mask"]).double().cpu() * n_tokens.cpu(),
-                               n_tokens.double().cpu()])
+        logits, responses, rmask, _ = response_logits(model, mb, tok.pad_token_id, ctx.device)
+        n_tokens = rmask.sum().double().cpu()
+        totals += torch.stack([sft_loss(logits, responses, rmask).double().cpu() * n_tokens, n_tokens])
     dist.all_reduce(totals)
     metrics = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
     if task:
@@ -98,14 +105,13 @@ def main(args: Args):
     while step < args.steps:
         losses, n_tokens = [], 0
         for mb in data.micro_batches(sampler.rank_batch(step, args.batch_size, ctx), args.micro_batch_size):
-            batch = {k: v.to(ctx.device) for k, v in data.collate(
-                [train[i]["input_ids"] for i in mb], [train[i]["prompt_len"] for i in mb], tok.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
+            logits, responses, rmask, attended = response_logits(model, [train[i] for i in mb], tok.pad_token_id,
+                                                                 ctx.device)
+            loss = sft_loss(logits, responses, rmask)
             model.backward(loss)
             model.step()
             losses.append(loss.item())
-            n_tokens += int(batch["attention_mask"].sum())
+            n_tokens += attended
         step += 1
         metrics = {"train/loss": sum(losses) / len(losses), "train/lr": model.get_lr()[0],
                    "train/tokens_per_s": n_tokens * ctx.world / max(1e-9, tracker.step_time())}

@@ -1,5 +1,7 @@
 """Models and DeepSpeed: loading, the ZeRO config, wrapping trainable and frozen models, HF export, resumable
 checkpoints and the output directory."""
+import functools
+import inspect
 import json
 import os
 import shutil
@@ -123,20 +125,30 @@ def response_forward(call, input_ids, attention_mask, prompt_len: int, field: st
         agreed = torch.tensor([float(share)], device=input_ids.device)  # the same calls: share only if all ranks do
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
         share = bool(agreed.item())
-    cache = None
+    trim = field == "logits" and _takes(type(module), "logits_to_keep")  # the LM head (vocabulary-sized, often the
+    cache = None  # largest matrix) runs only on the positions whose logits are used
     if share:
         first = torch.empty(len(prompts), dtype=torch.long, device=inverse.device).scatter_(
             0, inverse, torch.arange(len(inverse), device=inverse.device))  # one row holding each distinct prompt
         head = call(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
-                    position_ids=pos[first, :prompt_len], use_cache=True)
+                    position_ids=pos[first, :prompt_len], use_cache=True, **({"logits_to_keep": 1} if trim else {}))
         cache = head.past_key_values
     if cache is None:  # nothing to share (or a model that returns no cache): one plain forward
-        out = call(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos)
-        return getattr(out, field)[:, prompt_len - 1: end]
+        k = input_ids.shape[1] - prompt_len + 1  # positions prompt_len - 1 .. L - 1
+        out = call(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                   **({"logits_to_keep": k} if trim else {}))
+        return getattr(out, field)[:, -k:][:, : end - prompt_len + 1]
     cache.reorder_cache(inverse)  # (prompts, ...) -> (rows, ...), differentiable
     tail = call(input_ids=input_ids[:, prompt_len:end], attention_mask=attention_mask[:, :end],
                 position_ids=pos[:, prompt_len:end], past_key_values=cache, use_cache=True)
     return torch.cat([getattr(head, field)[inverse, -1:], getattr(tail, field)], 1)
+
+
+@functools.cache
+def _takes(cls, name: str) -> bool:
+    """Whether the forward of model class `cls` takes keyword `name` (transformers' own models do; remote code may
+    not)."""
+    return name in inspect.signature(cls.forward).parameters
 
 
 def token_scores(model, input_ids, attention_mask, prompt_len: int | None = None, to_end: bool = False):

@@ -9,19 +9,44 @@ from train_sft import sft_loss
 
 def test_sft_loss_is_mean_nll_over_response_tokens_only():
     torch.manual_seed(0)
-    logits = torch.randn(2, 4, 5)
-    ids = torch.tensor([[1, 2, 3, 4], [0, 4, 2, 0]])
-    response_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])  # row 1: prompt 1 token, response 2, then padding
+    logits = torch.randn(2, 3, 5)  # the positions predicting the response tokens
+    responses = torch.tensor([[3, 4, 0], [4, 2, 0]])
+    response_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 1: two response tokens, then padding
     terms = []
     for b in range(2):
-        for t in range(1, 4):
+        for t in range(3):
             if response_mask[b, t]:
-                row = logits[b, t - 1].tolist()
+                row = logits[b, t].tolist()
                 log_z = math.log(sum(math.exp(x) for x in row))
-                terms.append(-(row[ids[b, t]] - log_z))
+                terms.append(-(row[responses[b, t]] - log_z))
     expected = sum(terms) / len(terms)
-    assert len(terms) == 4
-    assert abs(sft_loss(logits, ids, response_mask).item() - expected) < 1e-6
+    assert len(terms) == 5
+    assert abs(sft_loss(logits, responses, response_mask).item() - expected) < 1e-6
+
+
+def test_sft_batch_equals_each_sequence_alone_and_runs_the_lm_head_on_responses_only(tokenizer):
+    """train_sft's batch (prompts left-padded, responses right-padded, logits only where a response token is
+    predicted) gives the token-mean NLL of a plain full forward over each unpadded sequence."""
+    from conftest import tiny_llama
+    from train_sft import response_logits
+
+    model = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    examples = [{"input_ids": [20, 21, 14, 30, 31, 1], "prompt_len": 3}, {"input_ids": [25, 26, 1], "prompt_len": 1},
+                {"input_ids": [22, 14, 23, 24, 30, 33, 34, 35, 1], "prompt_len": 5}]
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:2]))
+    logits, responses, rmask, attended = response_logits(model, examples, tokenizer.pad_token_id, "cpu")
+    hook.remove()
+    loss = sft_loss(logits, responses, rmask)
+    nll, n = 0.0, 0
+    for e in examples:
+        ids, k = torch.tensor([e["input_ids"]]), e["prompt_len"]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, k - 1: -1], -1)
+        nll -= logp.gather(-1, ids[0, k:, None]).sum().item()
+        n += len(e["input_ids"]) - k
+    assert abs(loss.item() - nll / n) < 1e-5
+    assert attended == sum(len(e["input_ids"]) for e in examples)
+    assert seen == [torch.Size([3, 5])]  # 3 rows x the longest response (5), not x the padded length 10
 
 
 def test_bradley_terry_loss_with_and_without_margin():

@@ -123,7 +123,11 @@ def test_shared_prompt_forward_matches_the_plain_forward_and_its_gradients(token
         (fn(m) * rmask).sum().backward()
         return {k: p.grad.clone() for k, p in m.named_parameters()}
 
+    seen = []  # the LM head runs on each distinct prompt's last position and on the response positions only
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
     shared_lp = rollout.response_logprobs(model, ids, mask, p_len)
+    hook.remove()
+    assert seen == [(len(PROMPTS), 1), (len(ids), ids.shape[1] - p_len - 1)]
     assert ((shared_lp - plain(model)) * rmask).abs().max() <= 1e-5
     g_plain, g_shared = grads(model, plain), grads(model, lambda m: rollout.response_logprobs(m, ids, mask, p_len))
     for k in g_plain:
