@@ -246,7 +246,10 @@ def test_outputs_have_the_documented_metrics_and_reload(three_runs):
     assert names <= set(metrics(run)[0])
     for when in ("before", "after"):
         assert 0 <= summary[when]["eval/pair_accuracy"] <= 1 and 0 <= summary[when]["eval/accuracy"] <= 1
-    assert summary["before"]["eval/pair_accuracy"] == 0.5  # policy == reference: every implicit reward is 0
+    # policy == reference before training: every implicit reward is 0 up to float rounding (two model copies need not
+    # round alike: the LM head runs on a few positions, where kernels pick paths by alignment)
+    rewards = {k: v for k, v in summary["before"].items() if k.startswith("eval/rewards/")}
+    assert rewards and all(abs(v) < 1e-5 for v in rewards.values()), rewards
     assert (run / "step_2" / "model.safetensors").exists() and (run / "checkpoint" / "state.json").exists()
     tok, model = AutoTokenizer.from_pretrained(run), AutoModelForCausalLM.from_pretrained(run)
     ids = torch.tensor([tok("12+30=")["input_ids"]])
