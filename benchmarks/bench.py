@@ -16,7 +16,9 @@ Method (README, "Benchmarks"):
   sequences and tokens, decode forwards, forward passes with and without gradient (calls, rows, token positions),
   backward passes, optimizer steps.
 - Two model sizes: the tiny default policy (assets/sft, 0.8M parameters) and a 14M-parameter Llama over the same
-  character tokenizer, built here from a seeded config and saved to a temporary directory that both sides load.
+  character tokenizer, built here from a seeded config and saved to a temporary directory that both sides load; and
+  the TRL pairs again with that backbone and a 32k-token vocabulary (tied embeddings, 26M parameters: the LM head's
+  share of real small models).
 """
 import argparse
 import importlib.util
@@ -57,13 +59,16 @@ def machine_facts() -> dict:
             "torch_threads": 1, **versions}
 
 
-def build_big_model(path: Path) -> int:
+def build_big_model(path: Path, vocab_size: int = 0) -> int:
+    """The 14M Llama; with vocab_size, the same backbone with a vocabulary of that size and tied embeddings (the
+    proportions of real small models, e.g. 32k tokens: 26M parameters; ids past the tokenizer's decode to nothing)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizer"))
-    config = LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None,
-                         pad_token_id=tok.pad_token_id, rms_norm_eps=1e-6, **BIG)
+    config = LlamaConfig(vocab_size=vocab_size or len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         pad_token_id=tok.pad_token_id, rms_norm_eps=1e-6,
+                         **dict(BIG, tie_word_embeddings=bool(vocab_size)))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -261,13 +266,14 @@ def fmt(x, nd=3):
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def plan(big_dir: str, quick: bool):
-    """(name, size, workers, steps) for every timing comparison. Tiny: our scripts' default batch sizes. 14M: RL with
-    8 prompts x 4 samples and offline methods with 32 examples per step, to keep the run within ~20 minutes.
+def plan(big_dir: str, quick: bool, vocab_dir: str = ""):
+    """(name, size, workers, steps) for every timing comparison. Tiny: our scripts' default batch sizes. 14M and
+    26M-v32k: RL with 8 prompts x 4 samples and offline methods with 32 examples per step, to keep the run short.
     --quick: every pair on the tiny model and GRPO on the 14M one, 4 steps each (2 timed)."""
     common = ["--eval-every", "0", "--eval-size", "16"]
     out = []
     sizes = [("tiny", str(ROOT / "assets" / "sft"), 4 if quick else 22), ("14M", big_dir, 4 if quick else 12)]
+    sizes += [("26M-v32k", vocab_dir, 12)] if vocab_dir and not quick else []
     for size, model, n in sizes:
         b = 64 if size == "tiny" else 32  # offline batch (examples or pairs per step), one micro-batch
         p, k = (16, 8) if size == "tiny" else (8, 4)  # RL prompts per step x samples per prompt
@@ -301,6 +307,8 @@ def plan(big_dir: str, quick: bool):
                                                      trl("GRPOTrainer", grpo_cfg)], n))
         out.append((f"rloo-{size}", size, [ours("rloo.py", rl), trl("RLOOTrainer", dict(rcfg, algo="rloo", lr=1e-4,
                                                                                          beta=0.05))], n))
+        if size == "26M-v32k":  # the vocabulary's effect is shown on the TRL pairs only
+            continue
         # TRL has no PPO and no REINFORCE++: both against our grpo at equal samples (their defaults: 16 x 4 on tiny)
         p2, k2 = (16, 4) if size == "tiny" else (8, 4)
         eq = ["--model-path", model, "--steps", str(n), "--prompts-per-step", str(p2), "--n-samples", str(k2),
@@ -362,10 +370,13 @@ def main():
     tmp = tempfile.TemporaryDirectory(prefix="bench_big_")
     n_big = build_big_model(Path(tmp.name))
     print(f"[bench] 14M model: {n_big / 1e6:.2f}M parameters in {tmp.name}; results in {out}", flush=True)
+    tmp_vocab = tempfile.TemporaryDirectory(prefix="bench_v32k_")
+    n_vocab = build_big_model(Path(tmp_vocab.name), vocab_size=32000)
+    print(f"[bench] 26M-v32k model: {n_vocab / 1e6:.2f}M parameters in {tmp_vocab.name}", flush=True)
     machine = machine_facts()
     results = {"machine": machine, "quick": a.quick, "big_params": n_big, "comparisons": [], "learning": None}
 
-    for name, size, workers, n in plan(tmp.name, a.quick):
+    for name, size, workers, n in plan(tmp.name, a.quick, tmp_vocab.name):
         if only and name not in only and name.split("-")[0] not in only:
             continue
         before = quiet.wait()
