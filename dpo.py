@@ -120,10 +120,7 @@ def all_pair_logps(model, pairs: list[dict], pad_id: int, args, ctx) -> torch.Te
     """(N, 2) float64 sequence log-probs (chosen, rejected) of every pair, sharded over ranks, complete on every rank.
     Every rank makes the same number of forward calls (ZeRO-3 forwards are collective)."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    mine = list(range(ctx.rank, len(pairs), ctx.world))
-    n_calls = -(-(-(-len(pairs) // ctx.world)) // args.micro_batch_size)
-    for k in range(n_calls):
-        idx = mine[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]
+    for idx in data.rank_micro_batches(list(range(len(pairs))), args.micro_batch_size, ctx):
         chosen, rejected = pair_logps(model, [pairs[i] for i in idx or [0]], pad_id, ctx.device, args.loss == "ipo")
         if idx:
             out[idx] = torch.stack([chosen, rejected], 1).double().cpu()

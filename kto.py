@@ -153,10 +153,7 @@ def all_logps(model, examples: list[dict], pad_id: int, args, ctx) -> torch.Tens
     """(N,) float64 sequence log-probs of every example, sharded over ranks, complete on every rank. Every rank makes
     the same number of forward calls (ZeRO-3 forwards are collective)."""
     out = torch.zeros(len(examples), dtype=torch.float64)
-    mine = list(range(ctx.rank, len(examples), ctx.world))
-    n_calls = -(-(-(-len(examples) // ctx.world)) // args.micro_batch_size)
-    for k in range(n_calls):
-        idx = mine[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]
+    for idx in data.rank_micro_batches(list(range(len(examples))), args.micro_batch_size, ctx):
         logps = batch_logps(model, [examples[i] for i in idx or [0]], pad_id, ctx.device)
         if idx:
             out[idx] = logps.double().cpu()

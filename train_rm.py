@@ -64,10 +64,11 @@ def evaluate(model, pairs, pad_id, args, ctx) -> dict:
     """Held-out pair accuracy (r_chosen > r_rejected), loss and mean margin, over all ranks."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct, loss sum, margin sum, count
-    for mb in data.micro_batches(pairs[ctx.rank:: ctx.world], args.micro_batch_size):
-        c, r = score_pairs(model, mb, pad_id, ctx.device)
-        totals += torch.tensor([(c > r).sum().item(), bradley_terry_loss(c, r).item() * len(mb),
-                                (c - r).sum().item(), len(mb)], dtype=torch.float64)
+    for mb in data.rank_micro_batches(pairs, args.micro_batch_size, ctx):  # the same number of calls on every rank
+        c, r = score_pairs(model, mb or pairs[:1], pad_id, ctx.device)
+        if mb:
+            totals += torch.tensor([(c > r).sum().item(), bradley_terry_loss(c, r).item() * len(mb),
+                                    (c - r).sum().item(), len(mb)], dtype=torch.float64)
     dist.all_reduce(totals)
     model.train()
     n = totals[3].clamp(min=1)
@@ -80,9 +81,10 @@ def reward_stats(model, pairs, pad_id, args, ctx) -> tuple[float, float]:
     """Mean and std of the scores of chosen and rejected train responses (all ranks)."""
     model.eval()
     s = torch.zeros(3, dtype=torch.float64)
-    for mb in data.micro_batches(pairs[: args.stats_examples][ctx.rank:: ctx.world], args.micro_batch_size):
-        scores = torch.cat(score_pairs(model, mb, pad_id, ctx.device)).double().cpu()
-        s += torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
+    for mb in data.rank_micro_batches(pairs[: args.stats_examples], args.micro_batch_size, ctx):
+        scores = torch.cat(score_pairs(model, mb or pairs[:1], pad_id, ctx.device)).double().cpu()
+        if mb:
+            s += torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
     dist.all_reduce(s)
     mean = s[0] / s[2]
     return mean.item(), (s[1] / s[2] - mean**2).clamp(min=1e-12).sqrt().item()

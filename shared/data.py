@@ -297,3 +297,11 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world: int, name: 
 
 def micro_batches(items: list, micro: int):
     return [items[i: i + micro] for i in range(0, len(items), micro)]
+
+
+def rank_micro_batches(items: list, micro: int, ctx) -> list[list]:
+    """This rank's share of `items` (every world-th, from its rank) in micro-batches, padded with empty ones to the
+    same count on every rank: ZeRO-3 forwards are collective, so all ranks must make the same calls. A caller runs an
+    empty one on a stand-in and drops the result."""
+    mine = items[ctx.rank:: ctx.world]
+    return [mine[k * micro: (k + 1) * micro] for k in range(-(-(-(-len(items) // ctx.world)) // micro))]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.data import pad
+from shared.data import pad, rank_micro_batches
 from shared.dist import UserError, at_finish
 from shared.engine import gathered, position_ids, response_forward
 
@@ -276,11 +276,8 @@ def greedy_eval(model, tok, examples: list[dict], reward_fn, ctx, max_new_tokens
 
     sample = model.generate if isinstance(model, Generator) else (
         lambda prompt_ids, **kw: generate(model, tok, prompt_ids, **kw))
-    mine = examples[ctx.rank:: ctx.world]
-    n_calls = -(-(-(-len(examples) // ctx.world)) // batch_size)
     total, samples = torch.zeros(2, dtype=torch.float64), []
-    for i in range(n_calls):
-        chunk = mine[i * batch_size: (i + 1) * batch_size]
+    for chunk in rank_micro_batches(examples, batch_size, ctx):
         ro = sample([e["prompt_ids"] for e in (chunk or examples[:1])], max_new_tokens=max_new_tokens, greedy=True)
         if not chunk:
             continue

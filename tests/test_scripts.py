@@ -14,9 +14,11 @@ FAST = ["--batch-size", "8", "--micro-batch-size", "4", "--eval-size", "16", "--
 @pytest.mark.parametrize("ranks", [0, 2])
 def test_sft_then_rm_run_and_their_outputs_reload(tmp_path, ranks):
     sft, rm = tmp_path / "sft", tmp_path / "rm"
-    run_script("train_sft.py", *FAST, "--output-dir", sft, ranks=ranks)
-    run_script("train_rm.py", *FAST, "--model-path", sft, "--output-dir", rm, "--zero-stage", "3" if ranks else "0",
-               ranks=ranks)
+    # 2 ranks: ZeRO-3 (every forward is collective) and 17 held-out examples, so the ranks hold 9 and 8 of them: 3 and
+    # 2 micro-batches of 4, and the evaluations must still make the same calls on both
+    flags = FAST[:4] + ["--eval-size", "17", "--steps", "3", "--zero-stage", "3"] if ranks else FAST
+    run_script("train_sft.py", *flags, "--output-dir", sft, ranks=ranks)
+    run_script("train_rm.py", *flags, "--model-path", sft, "--output-dir", rm, "--stats-examples", "17", ranks=ranks)
     summary = json.loads((sft / "summary.json").read_text())
     assert summary["world_size"] == max(ranks, 1) and 0 <= summary["after"]["eval/accuracy"] <= 1
     assert len((sft / "metrics.jsonl").read_text().splitlines()) == 3
