@@ -62,8 +62,9 @@ def evaluate(model, tok, eval_examples, eval_prompts, task, args, ctx) -> dict:
     totals = torch.zeros(2, dtype=torch.float64)
     for mb in data.rank_micro_batches(eval_examples, args.micro_batch_size, ctx):  # same number of calls per rank
         logits, responses, rmask, _ = response_logits(model, mb or eval_examples[:1], tok.pad_token_id, ctx.device)
-        n_tokens = rmask.sum().double().cpu() * bool(mb)
-        totals += torch.stack([sft_loss(logits, responses, rmask).double().cpu() * n_tokens, n_tokens])
+        if mb:
+            n_tokens = rmask.sum().double().cpu()
+            totals += torch.stack([sft_loss(logits, responses, rmask).double().cpu() * n_tokens, n_tokens])
     dist.all_reduce(totals)
     metrics = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
     if task:

@@ -8,6 +8,7 @@ Every response ends with exactly one EOS token (a trailing EOS in the data is no
 """
 import csv
 import json
+import math
 import random
 from pathlib import Path
 
@@ -303,5 +304,5 @@ def rank_micro_batches(items: list, micro: int, ctx) -> list[list]:
     """This rank's share of `items` (every world-th, from its rank) in micro-batches, padded with empty ones to the
     same count on every rank: ZeRO-3 forwards are collective, so all ranks must make the same calls. A caller runs an
     empty one on a stand-in and drops the result."""
-    mine = items[ctx.rank:: ctx.world]
-    return [mine[k * micro: (k + 1) * micro] for k in range(-(-(-(-len(items) // ctx.world)) // micro))]
+    mine, calls = items[ctx.rank:: ctx.world], math.ceil(math.ceil(len(items) / ctx.world) / micro)
+    return [mine[k * micro: (k + 1) * micro] for k in range(calls)]
