@@ -1,4 +1,5 @@
-"""Reward model (step 2 of SFT -> RM -> RL): Bradley-Terry on preference pairs, score at the last real token.
+"""Reward model (step 2 of SFT -> RM -> RL): Bradley-Terry on preference pairs, scored at the last token that is not
+the pad token (the EOS, or the token before it when pad == eos: where transformers reads a sequence classifier).
 
     python train_rm.py                                    # from the embedded SFT model, built-in addition pairs
     deepspeed train_rm.py --model-path SFT_DIR --dataset pairs.jsonl --output-dir runs/rm
@@ -50,12 +51,16 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 
 def score_pairs(model, pairs, pad_id, device):
-    """Scores (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch, read at the last real token;
+    """Scores (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch, read at `engine.score_index`;
     each pair's prompt is computed once for its two responses (engine.response_forward)."""
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
     ids, mask, rmask, p_len = data.collate_responses(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id, device)
     values = engine.token_scores(model, ids, mask, p_len, to_end=True)  # positions prompt_len - 1 .. end
-    scores = values.gather(1, rmask.sum(1, keepdim=True)).squeeze(1)  # index len(response): its last token
+    # read where transformers reads an exported classifier: the last token that is not the pad token (before the EOS
+    # when pad == eos); a row whose response is only that token and whose prompt ends in it (never with a chat
+    # template) is read at the prompt's last token instead of earlier
+    at = (engine.score_index(ids, mask, pad_id) - (p_len - 1)).clamp(min=0)
+    scores = values.gather(1, at[:, None]).squeeze(1)
     return scores[: len(pairs)], scores[len(pairs):]
 
 

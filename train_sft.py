@@ -2,7 +2,7 @@
 
     python train_sft.py                                   # tiny default model on the built-in addition task
     deepspeed train_sft.py --model-path MODEL --dataset data.jsonl --output-dir runs/sft
-    deepspeed --num_gpus 8 train_sft.py --model-path MODEL --dataset HUB_NAME --zero-stage 3 --bf16
+    deepspeed --num_gpus 8 train_sft.py --model-path MODEL --dataset HUB_NAME --zero-stage 3
 
 Data: `prompt` + `response` columns (strings or chat messages), or one `messages` column holding whole
 conversations (the last, assistant message is the response). The prompt is masked out of the loss; the response
@@ -88,7 +88,7 @@ def main(args: Args):
     eval_prompts = data.tokenize(task.rows("prompt", "test"), tok, "prompt", args, "eval") if task else []
 
     # 2. model, DeepSpeed engine, output directory, resume
-    model = engine.load_model(args.model_path, args, ctx, seed=args.seed)
+    model = engine.load_model(args.model_path, args, ctx, seed=args.seed, dropout=True)  # SFT keeps dropout
     out = engine.prepare_output_dir(args, ctx, "train_sft")
     model = engine.wrap_trainable(model, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "train_sft")

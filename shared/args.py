@@ -27,8 +27,8 @@ class RunArgs:
     """offload optimizer state (ZeRO >= 1) and, with ZeRO-3, parameters to CPU memory"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
-    bf16: bool = True
-    """train in bf16 on GPU (CPU always trains in fp32)"""
+    dtype: str = "auto"
+    """model precision: auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32 (taken as asked, also on CPU)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clipping (0 disables)"""
     warmup_steps: int = 0
@@ -68,7 +68,8 @@ class DataArgs:
     max_len: int = 256
     """maximum tokens of prompt + response"""
     overlong: str = "truncate"
-    """what to do with longer examples: truncate (cut the end) or skip; the count is reported"""
+    """what to do with longer examples: truncate (cut the response's end) or skip; the count is reported. RL prompts
+    longer than --max-len are always skipped: a cut prompt loses its chat template's head or generation prompt"""
 
 
 @dataclass

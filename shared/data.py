@@ -202,11 +202,9 @@ def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=pr
     for ex in normalise(rows, kind, args):
         prompt_ids = encode_prompt(tok, ex["prompt"])
         if kind == "prompt":
-            if len(prompt_ids) > args.max_len:
-                if args.overlong == "skip":
-                    n_skip += 1
-                    continue
-                prompt_ids, n_cut = prompt_ids[-args.max_len:], n_cut + 1  # keep the end, where the question is
+            if len(prompt_ids) > args.max_len:  # skipped, never cut: either end of a templated prompt is structure
+                n_skip += 1  # (the chat template's head `<|im_start|>system...`, its generation prompt at the end)
+                continue
             examples.append({"prompt_ids": prompt_ids, "prompt": ex["prompt"], "extras": ex["extras"]})
             continue
         seqs = {k: prompt_ids + encode_response(tok, ex[k]) for k in ("response", "chosen", "rejected") if k in ex}

@@ -46,6 +46,8 @@ def finish():
         barrier()
     while _finish_hooks:
         _finish_hooks.pop()()
+    global _control
+    _control = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -68,8 +70,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_control = None  # the gloo group that carries the scripts' own small collectives (see `init`)
+
+
 def init(seed: int) -> Ctx:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and seed this rank with seed + rank."""
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and seed this rank with seed + rank.
+
+    The scripts' own collectives (evaluation sums, running moments, token counts, agreement flags, objects) are small
+    CPU values. NCCL serves only GPU tensors ("No backend type associated with device type cpu"), so they travel on a
+    second process group, gloo over CPU, made here on every rank (vLLM keeps such a CPU group beside its NCCL one for
+    the same reason); DeepSpeed's gradient and parameter traffic stays on the default group. The helpers below use
+    it; call them, never torch.distributed directly, from scripts and shared/."""
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)  # plain `python X.py`: without these DeepSpeed tries MPI discovery
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -82,6 +93,9 @@ def init(seed: int) -> Ctx:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    global _control
+    if dist.get_world_size() > 1 and _control is None:  # a gloo group also on CPU: one code path to test
+        _control = dist.new_group(backend="gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -110,21 +124,40 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (op: sum, min or max) across ranks (a no-op with one rank); returns the tensor."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    """In-place all-reduce (op: sum, min or max) across ranks (a no-op with one rank) of a small tensor on any
+    device, carried on the CPU group; returns the tensor. For statistics, not for gradients."""
+    if _multi():
+        cpu = t.detach().cpu()
+        dist.all_reduce(cpu, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                        group=_control)
+        if t.device.type != "cpu":  # (on CPU, `cpu` shares t's storage: already in place)
+            with torch.no_grad():
+                t.copy_(cpu)
     return t
 
 
 def barrier():
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if _multi():
+        dist.barrier(group=_control)
 
 
 def broadcast_object(obj, src: int = 0):
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi():
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=_control)
         return box[0]
     return obj
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order."""
+    if not _multi():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_control)
+    return out

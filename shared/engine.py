@@ -75,13 +75,35 @@ def _zero3_construction(args, ctx):
         _hf_ds_config = HfDeepSpeedConfig(ds_config(args, ctx))
 
 
-def _dtype(args, ctx):
-    return torch.bfloat16 if ctx.device.type == "cuda" and args.bf16 else torch.float32
+def dtype(args, ctx) -> torch.dtype:
+    """--dtype: auto is bf16 on a GPU that has it and fp32 elsewhere (CPU bf16 matmuls are slow on most
+    processors); bf16 and fp32 are taken as asked, also on CPU."""
+    if args.dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--dtype must be auto, bf16 or fp32, got {args.dtype}")
+    if args.dtype == "auto":
+        cuda = ctx.device.type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
 
-def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-path", seed: int = 0):
+def disable_dropout(model):
+    """Every dropout rate to 0: nn.Dropout modules and the float rates attention modules read in their forward
+    (Llama/Qwen `attention_dropout`, GPT-2's sdpa path reads `attn_dropout.p`). RL and preference losses compare
+    log-probs of one model in two passes (sampler vs trainer, policy vs reference): with dropout on (GPT-2 and OPT
+    ship 0.1) the PPO ratio of an unchanged policy is not 1. The config keeps its rates, so an export is unchanged."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for k in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
+            setattr(m, k, 0.0)
+    return model
+
+
+def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-path", seed: int = 0,
+               dropout: bool = False):
     """A causal LM (kind='causal') or a scalar-head model (kind='score': reward model or critic). With ZeRO-3 the
-    parameters are built sharded. `path='tiny'` builds the tiny default policy from its config in code."""
+    parameters are built sharded. `path='tiny'` builds the tiny default policy from its config in code. Dropout is
+    switched off unless `dropout` (train_sft.py keeps the model's own)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
     _zero3_construction(args, ctx)
@@ -91,13 +113,14 @@ def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-
         tok = load_tokenizer("tiny", args)
         config = LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None, **TINY, **extra)
         torch.manual_seed(seed)  # the same initial weights on every rank
-        return auto.from_config(config, dtype=_dtype(args, ctx))
-    _check_model_path(path, flag)
-    config = _hf_load(AutoConfig.from_pretrained, path, flag, trust_remote_code=args.trust_remote_code, **extra)
-    config.pad_token_id = None  # ZeRO-3 construction fails on the padding row; padding is masked anyway
-    model = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=_dtype(args, ctx),
-                     trust_remote_code=args.trust_remote_code)
-    return model
+        model = auto.from_config(config, dtype=dtype(args, ctx))
+    else:
+        _check_model_path(path, flag)
+        config = _hf_load(AutoConfig.from_pretrained, path, flag, trust_remote_code=args.trust_remote_code, **extra)
+        config.pad_token_id = None  # ZeRO-3 construction fails on the padding row; padding is masked anyway
+        model = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=dtype(args, ctx),
+                         trust_remote_code=args.trust_remote_code)
+    return model if dropout else disable_dropout(model)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -122,9 +145,7 @@ def response_forward(call, input_ids, attention_mask, prompt_len: int, field: st
     share = (2 * len(prompts) <= len(input_ids) and end > prompt_len
              and not (module.training and getattr(module, "is_gradient_checkpointing", False)))  # (no cache then)
     if hasattr(next(module.parameters()), "ds_id"):  # ZeRO-3: each call gathers parameters, so every rank must make
-        agreed = torch.tensor([float(share)], device=input_ids.device)  # the same calls: share only if all ranks do
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-        share = bool(agreed.item())
+        share = bool(dist.all_reduce(torch.tensor([float(share)]), "min").item())  # the same calls: all or none share
     trim = field == "logits" and _takes(type(module), "logits_to_keep")  # the LM head (vocabulary-sized, often the
     cache = None  # largest matrix) runs only on the positions whose logits are used
     if share:
@@ -165,10 +186,16 @@ def token_scores(model, input_ids, attention_mask, prompt_len: int | None = None
     return model.score(hidden).squeeze(-1).float()
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (attended) token of each row; right or left padding."""
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (pos * attention_mask.long()).argmax(-1)
+def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Where a reward model's score is read in each row (right or left padding): the last attended token that is not
+    the pad token. That is the token transformers' *ForSequenceClassification reads (the last token !=
+    config.pad_token_id, and export_hf writes the tokenizer's pad id there), so an exported reward model scores the
+    same in the project, in plain transformers and in any trainer built on it. With a distinct pad token it is the
+    last real token (the EOS of a finished response); with pad == eos (SmolLM2, the Qwen chat models, and every
+    tokenizer given pad := eos) it is the token before the EOS: training and scoring both read there."""
+    keep = attention_mask.bool() & (input_ids != pad_id) if pad_id is not None else attention_mask.bool()
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (pos * keep.long()).argmax(-1)
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -186,7 +213,7 @@ def ds_config(args, ctx, micro_batch_size: int = 1, grad_accum: int = 1, lr: flo
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * ctx.world,
         "gradient_clipping": args.max_grad_norm,
-        "bf16": {"enabled": cuda and args.bf16},
+        "bf16": {"enabled": dtype(args, ctx) == torch.bfloat16},
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,
         # torch's fused AdamW (transformers' default too): no 2-4 minute compile of DeepSpeed's fused/CPU Adam, and

@@ -1,4 +1,4 @@
-"""Rewards: a trained reward model (score at the last real token), a built-in task's checker, a user's
+"""Rewards: a trained reward model (scored where transformers reads it, `engine.score_index`), a built-in task's checker, a user's
 `module:function`, or an HTTP endpoint. Each maps (prompts, responses, eos, extras) to one float per response."""
 import importlib
 import json
@@ -16,7 +16,8 @@ from shared.dist import UserError
 
 class RewardModel:
     """A frozen scalar-head model from train_rm.py (or any HF sequence-classification model with one label).
-    The text is re-tokenized with the reward model's own tokenizer; a truncated response gets no EOS."""
+    The text is re-tokenized with the reward model's own tokenizer; a truncated response gets no EOS. The score is
+    read at `engine.score_index`, the token transformers reads."""
 
     def __init__(self, path: str, args, ctx, micro_batch_size: int = 64):
         self.tok = engine.load_tokenizer(path, args, "--reward-path")
@@ -35,7 +36,7 @@ class RewardModel:
         for chunk in data.micro_batches(seqs, self.micro):
             ids, mask = (t.to(self.ctx.device) for t in data.pad(chunk, self.tok.pad_token_id))
             values = engine.token_scores(self.model, ids, mask)
-            scores.append(values.gather(1, engine.last_token_index(mask)[:, None]).squeeze(1))
+            scores.append(values.gather(1, engine.score_index(ids, mask, self.tok.pad_token_id)[:, None]).squeeze(1))
         return torch.cat(scores).cpu()
 
 

@@ -22,10 +22,12 @@ def free_port() -> int:
 
 
 def run_script(script: str, *args, ranks: int = 0, check: bool = True, timeout: int = 600, cwd=ROOT):
-    """Run a script as a user would: `python X.py ...` (ranks=0) or `deepspeed --num_gpus N X.py ...`."""
+    """Run a script as a user would: `python X.py ...` (ranks=0) or `deepspeed --num_gpus N X.py ...`. Multi-rank
+    runs go through tests/nccl_like.py: the default process group refuses CPU tensors from our code, as NCCL does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if ranks:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / script)]
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "tests/nccl_like.py"),
+               str(ROOT / script)]
     else:
         cmd = [sys.executable, str(ROOT / script)]
     proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env,
@@ -60,3 +62,12 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2"])
+def family_dir(request, tmp_path_factory):
+    """The model-family matrix (tests/families.py): one saved tiny model per architecture, each with a BPE tokenizer,
+    a ChatML template and pad == eos. A test that takes this fixture runs once per family."""
+    from families import save_family
+
+    return save_family(request.param, tmp_path_factory.mktemp(f"family_{request.param}"))
