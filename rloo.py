@@ -179,15 +179,18 @@ def main(args: Args):
 
         # 5. REINFORCE (or PPO-clipped) updates over minibatches
         t = time.time()
-        stats = torch.zeros(7, dtype=torch.float64)
+        stats, gap = torch.zeros(5, dtype=torch.float64), rollout.SamplerGap()
         n_total = len(scores)
         for _ in range(args.ppo_epochs if args.loss == "ppo" else 1):
             for minibatch in torch.randperm(n_total).chunk(args.num_minibatches):
+                first = gap.count == 0  # before this step's first update: the sampler's error alone
                 mb_tokens = dist.all_reduce(mask[minibatch].sum()).item()
                 for idx in data.micro_batches(minibatch, args.micro_batch_size):
                     logprobs, entropy = rollout.response_logprobs(
                         policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
                     m = mask[idx]
+                    if first:
+                        gap.add(logprobs, ro.logprobs[idx], m)
                     w = tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
                     if args.loss == "reinforce":  # share of the mean over the minibatch's sequences
                         loss = reinforce_loss(logprobs, advantages[idx] * w, m) * len(idx) / len(minibatch)
@@ -202,10 +205,9 @@ def main(args: Args):
                     policy.step()
                     ratio = torch.exp(logprobs.detach() - old_logprobs[idx])
                     clipped = ((ratio - 1).abs() > args.eps).float()
-                    diff = (logprobs.detach() - ro.logprobs[idx]).abs() * m
                     stats += torch.tensor([loss.item(), ((old_logprobs[idx] - ref_logprobs[idx]) * m).sum().item(),
-                                           (entropy * m).sum().item(), (clipped * m).sum().item(), m.sum().item(),
-                                           diff.sum().item(), diff.max().item()], dtype=torch.float64)
+                                           (entropy * m).sum().item(), (clipped * m).sum().item(), m.sum().item()],
+                                          dtype=torch.float64)
                 grad_norm = policy.get_global_grad_norm()
                 if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                     raise dist.Diverged(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
@@ -222,7 +224,7 @@ def main(args: Args):
             "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
             "rollout/truncated_frac": 1 - ro.eos.float().mean().item(), "policy/kl_ref": stats[1].item() / n_tok,
             "policy/entropy": stats[2].item() / n_tok, "policy/clip_frac": stats[3].item() / n_tok,
-            "policy/logprob_diff_mean": stats[5].item() / n_tok, "policy/logprob_diff_max": stats[6].item(),
+            **gap.check(args, generator.backend, step),
             "loss/policy": stats[0].item(), "train/lr": policy.get_lr()[0],
             "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
             **{f"time/{k}": v for k, v in timing.items()}})

@@ -105,6 +105,10 @@ class RolloutArgs:
     tis_cap: float = 0.0
     """truncated importance sampling: weight each token's policy loss by min(pi_old / pi_sampler, cap), correcting for
     a sampler (vLLM) whose log-probs differ from the trainer's; 0 turns it off (policy/logprob_diff_* shows the gap)"""
+    max_logprob_gap: float = 0.5
+    """stop the run when the sampler's log-probs differ from the trainer's by more than this many nats per token on
+    average (measured before each step's first update; fp32 ~1e-7 with hf, <= 1e-4 with vllm on CPU, ~1e-2 in bf16; a
+    stale or broken engine gives whole nats); 0 turns the check off"""
     vllm_sleep: bool = False
     """GPU: put vLLM to sleep (level 2: weights and KV cache freed) after each rollout while the policy trains; the
     weight push wakes it. Ignored on CPU, where vLLM has no sleep mode"""
