@@ -162,3 +162,35 @@ def test_malformed_jsonl_line_is_named(tmp_path):
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", \n')
     with pytest.raises(UserError, match="line 2 is not valid JSON"):
         data.load_table(str(path), "train", "sft")
+
+
+def test_over_long_rl_prompts_are_skipped_never_cut():
+    """A cut chat prompt loses its template's head (`<|im_start|>system`) or its generation prompt; RL prompts over
+    --max-len are skipped (and counted) under either --overlong, and every kept prompt is whole."""
+    from families import chatml_tokenizer
+
+    tok = chatml_tokenizer()
+    rows = [{"prompt": "1+2="}, {"prompt": "the sum of " * 30 + "1+2="}]
+    whole = [data.encode_prompt(tok, r["prompt"]) for r in rows]
+    budget = len(whole[0]) + 5
+    assert len(whole[1]) > budget
+    for overlong in ("truncate", "skip"):
+        logs = []
+        exs = data.tokenize(rows, tok, "prompt", Args(max_len=budget, overlong=overlong), log=logs.append)
+        assert [e["prompt_ids"] for e in exs] == whole[:1] and "0 examples over --max-len" in logs[0] and "1 skipped" in logs[0]
+        assert tok.decode(exs[0]["prompt_ids"]).startswith("<|im_start|>user")
+
+
+@pytest.mark.parametrize("flag,expected", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_dtype_flag_is_honoured_on_cpu(flag, expected):
+    from types import SimpleNamespace
+
+    from shared import engine
+
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    assert engine.dtype(SimpleNamespace(dtype=flag), ctx) == expected
+    cfg = engine.ds_config(SimpleNamespace(dtype=flag, zero_stage=0, offload=False, max_grad_norm=1.0),
+                           SimpleNamespace(device=torch.device("cpu"), world=1))
+    assert cfg["bf16"]["enabled"] == (expected == torch.bfloat16)
+    with pytest.raises(UserError, match="--dtype must be auto, bf16 or fp32"):
+        engine.dtype(SimpleNamespace(dtype="fp16"), ctx)

@@ -143,3 +143,19 @@ def test_shared_prompt_forward_matches_the_plain_forward_and_its_gradients(token
     one_each = torch.cat([(ro.prompt_index[perm] == i).nonzero()[:1, 0] for i in range(len(PROMPTS))])
     sub = rollout.response_logprobs(model, ids[one_each], mask[one_each], p_len)
     assert ((sub - shared_lp[one_each]) * rmask[one_each]).abs().max() <= 1e-5
+
+
+def test_response_logprobs_and_entropy_equal_the_full_log_softmax_and_the_entropy_has_no_graph():
+    """log p = z[y] - logsumexp(z) and the entropy computed a few rows at a time, against the plain formulas on the
+    full log-softmax (float64); the entropy is a statistic: no gradient, nothing kept for the backward."""
+    from families import build_family
+
+    model, tok = build_family("qwen2")
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(tok), (11, 9))
+    mask = torch.ones_like(ids)
+    logprobs, entropy = rollout.response_logprobs(model, ids, mask, 4, temperature=0.7, with_entropy=True)
+    logp_all = torch.log_softmax(model(input_ids=ids).logits[:, 3:-1].double() / 0.7, -1)
+    assert (logprobs.double() - logp_all.gather(-1, ids[:, 4:, None]).squeeze(-1)).abs().max() <= 1e-5
+    assert (entropy.double() + (logp_all.exp() * logp_all).sum(-1)).abs().max() <= 1e-5
+    assert logprobs.requires_grad and not entropy.requires_grad and entropy.grad_fn is None

@@ -13,7 +13,7 @@ from shared import dist, engine, rollout  # noqa: E402
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 model_dir, stage, out = argv[0], int(argv[1]), Path(argv[2])
-args = SimpleNamespace(zero_stage=stage, offload=False, bf16=False, max_grad_norm=1.0, warmup_steps=0, lr_decay=False,
+args = SimpleNamespace(zero_stage=stage, offload=False, dtype="fp32", max_grad_norm=1.0, warmup_steps=0, lr_decay=False,
                        gradient_checkpointing=False, trust_remote_code=False)
 ctx = dist.init(0)
 ds_config = engine.ds_config
