@@ -51,7 +51,8 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     std_normalize: bool = True
     """divide advantages by the group's std (Dr. GRPO: off)"""
     dynamic_sampling: bool = False
-    """drop groups whose rewards are all equal and sample more prompts until the batch is full (DAPO)"""
+    """drop groups whose rewards are all equal and sample more prompts until the batch is full (DAPO); when
+    --max-sample-tries runs out, the batch is topped up with dropped groups (advantage 0)"""
     max_sample_tries: int = 4
     """cap on sampling rounds per step with --dynamic-sampling"""
     ppo_epochs: int = 1
@@ -78,8 +79,10 @@ def group_advantages(scores: torch.Tensor, n: int, std_normalize: bool = True, e
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman 2020)."""
-    d = (ref_logprobs - logprobs).clamp(-10, 10)
+    """Per-token KL(pi || ref) estimate k3 = exp(d) - d - 1 >= 0, d = ref - logp (Schulman 2020), unclamped as in TRL:
+    a clamp would zero the gradient where the policy has drifted furthest (an overflow trips the non-finite-loss
+    check)."""
+    d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1
 
 
@@ -163,9 +166,10 @@ def main(args: Args):
 
     while step < args.steps:
         t0, timing, metrics = time.time(), {}, {}
-        # 3. sample n responses per prompt and score them; with dynamic sampling keep only groups with reward spread
-        kept, tries, resampled = [], 0, 0
-        while len(kept) < prompts_per_rank:
+        # 3. sample n responses per prompt and score them; with dynamic sampling keep only groups with reward spread.
+        # All ranks sample the same number of rounds (generation and scoring can be collective)
+        kept, dropped, tries = [], [], 0
+        while True:
             batch = [prompts[i] for i in sampler.rank_batch(draws, args.prompts_per_step, ctx)]
             draws, tries = draws + 1, tries + 1
             t = time.time()
@@ -179,14 +183,16 @@ def main(args: Args):
             timing["score"] = timing.get("score", 0) + time.time() - t
             spread = scores.view(-1, args.n_samples).std(1) > 0
             metrics["rollout/zero_std_groups_frac"] = 1 - spread.float().mean().item()
-            groups = [(ro, scores, parts, g) for g in range(len(batch)) if spread[g] or not args.dynamic_sampling]
-            kept += groups[: prompts_per_rank - len(kept)]
-            resampled += len(batch) - len(groups) if args.dynamic_sampling else 0
+            for g in range(len(batch)):
+                (kept if spread[g] or not args.dynamic_sampling else dropped).append((ro, scores, parts, g))
             full = torch.tensor(float(len(kept) >= prompts_per_rank or tries >= args.max_sample_tries))
             if dist.all_reduce(full, "min").item() == 1:  # every rank decides together
                 break
-        if not kept:  # every group had equal rewards on this rank: nothing to learn from
-            kept = [(ro, scores, parts, g) for g in range(len(batch))]
+        # Out of tries: top up with dropped zero-spread groups (advantage 0: no policy gradient, only the KL term), so
+        # every rank trains on prompts_per_rank groups, i.e. grad_accum micro-batches per optimizer step on all ranks
+        topped_up = max(0, prompts_per_rank - len(kept))
+        kept = kept[:prompts_per_rank] + dropped[:topped_up]
+        resampled, topped_up = dist.all_reduce(torch.tensor([float(len(dropped)), float(topped_up)])).tolist()
         ro, scores, parts = merge_groups(kept, args.n_samples, tok.pad_token_id)
         if not torch.isfinite(scores).all():
             raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
@@ -194,23 +200,26 @@ def main(args: Args):
         # 4. advantages within each group; reference log-probs for the KL term
         t = time.time()
         advantages = group_advantages(scores, args.n_samples, args.std_normalize).to(ctx.device)
-        with torch.no_grad():
-            ref_logprobs = rollout.response_logprobs(ref, ro.input_ids, ro.attention_mask, ro.prompt_len,
-                                                     args.temperature) if ref is not None else None
+        with torch.no_grad():  # one forward per micro-batch: a whole rollout's logits (N x T x vocab) would not fit
+            chunks = data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)
+            ref_logprobs = torch.cat([rollout.response_logprobs(ref, ro.input_ids[mb], ro.attention_mask[mb],
+                                                                ro.prompt_len, args.temperature) for mb in chunks]) \
+                if ref is not None else None
             reuse_old = args.ppo_epochs == 1 and args.num_minibatches == 1  # old == current policy: skip a forward
             if not reuse_old:  # the sampler's log-probs when exact (HF backend in fp32), else a recomputation
                 old_logprobs = ro.logprobs if generator.exact_logprobs else torch.cat([rollout.response_logprobs(
                     policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, args.temperature)
-                    for mb in data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)])
+                    for mb in chunks])
         timing["forward"] = time.time() - t
 
         # 5. clipped-surrogate + k3 KL updates over minibatches
         t = time.time()
-        stats = torch.zeros(8, dtype=torch.float64)
+        stats, gap = torch.zeros(6, dtype=torch.float64), rollout.SamplerGap()
         n_total = len(scores)
         for _ in range(args.ppo_epochs):
             order = torch.randperm(n_total)
             for minibatch in order.chunk(args.num_minibatches):
+                first = gap.count == 0  # before this step's first update: the sampler's error alone
                 mb_tokens = dist.all_reduce(ro.response_mask[minibatch].sum().float()).item()
                 mb_seqs = len(minibatch) * ctx.world
                 for idx in data.micro_batches(minibatch, args.micro_batch_size):
@@ -218,6 +227,8 @@ def main(args: Args):
                     logprobs, entropy = rollout.response_logprobs(
                         policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
                     old = logprobs.detach() if reuse_old else old_logprobs[idx]
+                    if first:
+                        gap.add(logprobs, ro.logprobs[idx], mask)
                     per_token = clipped_surrogate(logprobs, old, advantages[idx, None], args.eps_low, args.eps_high)
                     per_token = per_token * tis_weights(old, ro.logprobs[idx], args.tis_cap)
                     pg_loss = aggregate(per_token, mask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)
@@ -234,9 +245,7 @@ def main(args: Args):
                     clipped = ((ratio < 1 - args.eps_low) | (ratio > 1 + args.eps_high)).float()
                     stats += torch.tensor([pg_loss.item() * mb_seqs / len(idx), (kl * m).sum().item(),
                                            (entropy * m).sum().item(), (clipped * m).sum().item(),
-                                           ((old - logprobs.detach()) * m).sum().item(), m.sum().item(),
-                                           ((logprobs.detach() - ro.logprobs[idx]).abs() * m).sum().item(),
-                                           ((logprobs.detach() - ro.logprobs[idx]).abs() * m).max().item()],
+                                           ((old - logprobs.detach()) * m).sum().item(), m.sum().item()],
                                           dtype=torch.float64)
                 grad_norm = policy.get_global_grad_norm()
                 if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
@@ -253,12 +262,14 @@ def main(args: Args):
             **{f"rollout/reward_{k}": v.mean().item() for k, v in parts.items() if len(parts) > 1},
             "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
             "rollout/truncated_frac": 1 - ro.eos.float().mean().item(),
-            "rollout/resampled_groups": resampled, "policy/kl_ref": stats[1].item() / n_tok,
-            "policy/entropy": stats[2].item() / n_tok, "policy/clip_frac": stats[3].item() / n_tok,
-            "policy/approx_kl": stats[4].item() / n_tok, "policy/logprob_diff_mean": stats[6].item() / n_tok,
-            "policy/logprob_diff_max": stats[7].item(), "loss/policy": stats[0].item() / max(1, n_total),
-            "train/lr": policy.get_lr()[0], "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world
-            / (time.time() - t0), **{f"time/{k}": v for k, v in timing.items()}})
+            "rollout/resampled_groups": resampled, "rollout/topped_up_groups": topped_up,
+            "policy/kl_ref": stats[1].item() / n_tok, "policy/entropy": stats[2].item() / n_tok,
+            "policy/clip_frac": stats[3].item() / n_tok, "policy/approx_kl": stats[4].item() / n_tok,
+            **gap.check(args, generator.backend, step),
+            "loss/policy": stats[0].item() / max(1, n_total), "train/lr": policy.get_lr()[0],
+            "train/optimizer_steps": policy.global_steps,
+            "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
+            **{f"time/{k}": v for k, v in timing.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics["eval/accuracy"] = rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
                                                            args.max_new_tokens)[0]

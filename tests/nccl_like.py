@@ -3,9 +3,10 @@
 On GPUs the default process group is NCCL, which serves CUDA tensors only: a collective on a CPU tensor there fails
 with "No backend type associated with device type cpu". On this CPU machine the default group is gloo and accepts
 anything, so such a call would pass every test and crash the first multi-GPU run. This launcher makes the default
-group refuse CPU tensors the way NCCL does, for every tensor collective that does not come from DeepSpeed or torch
-themselves (their tensors live on the GPU there: gradients, parameters, and the buffers of object collectives). The
-project's own collectives must go through a group that serves CPU (shared.dist's gloo group) or use device tensors.
+group refuse CPU tensors the way NCCL does, for every tensor collective called from outside the installed libraries,
+i.e. from the project's code and the tests' scripts (the libraries' collectives -- DeepSpeed's gradients and parameters, transformers' generate flags, torch's object
+collectives -- use tensors on the model's device, the GPU there). The project's own collectives must go through a
+group that serves CPU (shared.dist's gloo group) or use device tensors.
 tests/conftest.py's `run_script` launches every multi-rank run through this file."""
 import functools
 import os
@@ -14,7 +15,7 @@ import sys
 
 import torch.distributed as dist
 
-EXEMPT = (os.path.dirname(dist.__file__).rsplit(os.sep, 1)[0], "deepspeed")  # torch/, any .../deepspeed/...
+LIBRARIES = tuple({sys.prefix, sys.base_prefix, os.path.dirname(os.__file__)})  # the venv, the stdlib
 
 
 def nccl_rule(fn):
@@ -25,8 +26,8 @@ def nccl_rule(fn):
             caller = sys._getframe(1).f_code.co_filename
             tensors = [a for a in list(args) + list(kwargs.values()) if hasattr(a, "device")]
             tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if hasattr(t, "device")]
-            if (any(t.device.type == "cpu" for t in tensors)
-                    and not caller.startswith(EXEMPT[0]) and f"{os.sep}deepspeed{os.sep}" not in caller):
+            ours = not (os.path.abspath(caller).startswith(LIBRARIES) or f"{os.sep}site-packages{os.sep}" in caller)
+            if ours and any(t.device.type == "cpu" for t in tensors):
                 raise RuntimeError(f"No backend type associated with device type cpu (a CPU tensor in a collective "
                                    f"on the default NCCL group, from {caller})")
         return fn(*args, **kwargs)

@@ -116,3 +116,16 @@ def test_a_sampler_that_drifts_from_the_trainer_stops_the_run(tmp_path):
     assert proc.returncode == 3 and len(lines) == 1, proc.stderr[-2000:]
     assert "hf sampler's log-probs differ from the trainer's by" in lines[0] and "--max-logprob-gap" in lines[0]
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", ["rloo.py", "reinforce_pp.py"])
+def test_critic_free_scripts_on_two_ranks_zero3_with_a_tied_gqa_model(script, tmp_path):
+    """2 ranks under NCCL's device rule (tests/nccl_like.py), ZeRO-3, evaluations mid-run: every collective of the
+    loop (evaluation sums, token counts, global whitening, the sampler-gap check) on a tied, GQA model."""
+    path = save_family("qwen2", tmp_path / "qwen2")
+    out = tmp_path / "run"
+    run_script(script, *RL[:-2], "--eval-every", "1", "--zero-stage", "3", "--model-path", path, "--output-dir", out,
+               ranks=2)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "eval/accuracy" in rows[0] and rows[0]["policy/logprob_diff_max"] <= 1e-5
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

@@ -102,3 +102,61 @@ def test_tis_runs(tmp_path, script):
     run_script(script, "--steps", "1", "--prompts-per-step", "4", "--n-samples", "4", "--micro-batch-size", "8",
                "--eval-size", "8", "--tis-cap", "2", "--output-dir", out)
     assert (out / "model.safetensors").exists()
+
+
+def test_k3_has_no_clamp_value_and_gradient_beyond_10():
+    d = torch.tensor([-25.0, -15.0, -10.5, 10.5, 15.0, 25.0], dtype=torch.float64)  # d = ref - logp
+    logp64 = torch.full_like(d, -3.0, requires_grad=True)
+    expected = torch.exp(d - 3.0 - logp64) - (d - 3.0 - logp64) - 1  # exp(d) - d - 1, written out
+    expected.sum().backward()
+    logp = torch.full((6,), -3.0, requires_grad=True)
+    k3 = k3_kl(logp, (d - 3.0).float())
+    k3.sum().backward()
+    assert torch.allclose(k3.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logp.grad.double(), logp64.grad, rtol=1e-5, atol=1e-5)  # 1 - exp(d): not 0 past |d| = 10
+
+
+SPY = """import runpy, sys, torch
+sys.path.insert(0, {root!r})
+from shared import rollout
+plain, rows = rollout.response_logprobs, []
+def spy(model, input_ids, *a, **k):
+    if not torch.is_grad_enabled():  # reference (and old-policy) forwards
+        rows.append(len(input_ids))
+    return plain(model, input_ids, *a, **k)
+rollout.response_logprobs = spy
+sys.argv[0] = {script!r}
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+finally:
+    print("no-grad forward rows:", rows)
+"""
+
+
+def test_reference_logprobs_are_micro_batched(tmp_path):
+    from conftest import ROOT
+
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY.format(root=str(ROOT), script=str(ROOT / "grpo.py")))
+    proc = run_script(spy, "--steps", "1", "--prompts-per-step", "4", "--n-samples", "4", "--micro-batch-size", "4",
+                      "--max-new-tokens", "4", "--eval-size", "8", "--output-dir", tmp_path / "run")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1].split(":", 1)[1])
+    assert rows == [4] * 4  # 16 rollout rows: four reference forwards of 4, none of 16
+
+
+REWARD = """def score(prompts, responses, **extras):  # spread only for some prompts: dynamic sampling drops the others
+    return [float(sum(map(ord, r)) % 7) if sum(map(ord, p)) % 2 else 1.0 for p, r in zip(prompts, responses)]
+"""
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_dynamic_sampling_keeps_the_batch_size_when_tries_run_out(tmp_path, tiny_model_dir, ranks):
+    (tmp_path / "half_flat.py").write_text(REWARD)
+    out = tmp_path / "run"
+    run_script("grpo.py", "--model-path", tiny_model_dir, "--reward-fn", "half_flat:score", "--steps", "3",
+               "--prompts-per-step", "4", "--n-samples", "4", "--micro-batch-size", "4", "--max-new-tokens", "4",
+               "--eval-size", "8", "--dynamic-sampling", "--max-sample-tries", "1",
+               *(["--zero-stage", "3"] if ranks else []), "--output-dir", out, ranks=ranks, cwd=tmp_path, timeout=300)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/optimizer_steps"] for r in rows] == [1, 2, 3]  # steps x ppo_epochs x num_minibatches
+    assert sum(r["rollout/topped_up_groups"] for r in rows) > 0  # the tries did run out with groups missing
