@@ -223,6 +223,7 @@ class Generator:
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
+        self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -235,6 +236,21 @@ class Generator:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+
+def _repack_tied_lm_head(worker):
+    """Run in the vLLM worker after a reload. On CPU the LM head computes logits from a copy of its matrix packed for
+    the GEMM kernel (`cpu_linear`, made by UnquantizedEmbeddingMethod.process_weights_after_loading). An in-place
+    reload re-processes only the layers it loaded weights into; a tied head has no weight of its own (it shares the
+    embedding's, which `named_parameters()` yields once), so its packed copy would stay the dummy weights: repack it
+    from the shared, now updated, matrix. No-op on GPU (no `cpu_linear`) and for untied heads (reloaded already)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    modules = list(worker.model_runner.get_model().modules())
+    embeddings = {id(m.weight) for m in modules if type(m) is VocabParallelEmbedding}
+    for m in modules:
+        if isinstance(m, ParallelLMHead) and id(m.weight) in embeddings and hasattr(m, "cpu_linear"):
+            m.quant_method.process_weights_after_loading(m)
 
 
 def check_args(args, ctx):

@@ -26,7 +26,7 @@ def test_sft_then_rm_run_and_their_outputs_reload(tmp_path, ranks):
     policy = AutoModelForCausalLM.from_pretrained(sft)
     ids = torch.tensor([tok("12+30=")["input_ids"]])
     assert policy.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
-    # the reward model loads as a standard sequence classifier and scores like our last-real-token reader
+    # the reward model loads as a standard sequence classifier and scores like our reader (engine.score_index)
     classifier = AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1).eval()
     assert {"reward_mean", "reward_std"} <= set(classifier.config.to_dict())
     texts = ["12+30=42<eos>", "1+1=3<eos>", "7+8=15"]  # different lengths: right padding in one batch
@@ -36,7 +36,8 @@ def test_sft_then_rm_run_and_their_outputs_reload(tmp_path, ranks):
     batch, mask = pad(ids, tok.pad_token_id)
     with torch.no_grad():
         hf_scores = classifier(input_ids=batch, attention_mask=mask).logits.squeeze(-1)
-        ours = engine.token_scores(classifier, batch, mask).gather(1, engine.last_token_index(mask)[:, None]).squeeze(1)
+        at = engine.score_index(batch, mask, tok.pad_token_id)
+        ours = engine.token_scores(classifier, batch, mask).gather(1, at[:, None]).squeeze(1)
         single = torch.stack([classifier(input_ids=torch.tensor([i])).logits[0, 0] for i in ids])
     assert torch.allclose(hf_scores, single, atol=1e-5) and torch.allclose(ours, single, atol=1e-5)
     # train_rm's pair scoring (prompt computed once per pair, cache shared) == the classifier on each sequence alone

@@ -21,7 +21,7 @@ argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 scenario, model_dir, out = argv[0], argv[1], Path(argv[2])
 args = SimpleNamespace(**asdict(RolloutArgs(rollout_backend="vllm", vllm_sleep=torch.cuda.is_available())),
                        model_path=model_dir, seed=3, max_len=64, max_new_tokens=12, zero_stage=3 if scenario == "zero3"
-                       else 0, offload=False, bf16=False, max_grad_norm=1.0, warmup_steps=0, lr_decay=False,
+                       else 0, offload=False, dtype="fp32", max_grad_norm=1.0, warmup_steps=0, lr_decay=False,
                        gradient_checkpointing=False, trust_remote_code=False)
 ctx = dist.init(args.seed)
 tok = engine.load_tokenizer(model_dir, args)
