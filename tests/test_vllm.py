@@ -168,9 +168,13 @@ def test_every_push_reaches_the_lm_head_of_each_family(family_dir, tmp_path):
 @needs_vllm
 @pytest.mark.parametrize("ranks", [0, 2])
 def test_grpo_trains_with_the_vllm_backend(tmp_path, ranks):
+    """On a tied-embedding, grouped-query-attention model (the qwen2 family) with a BPE tokenizer and pad == eos."""
+    from families import save_family
+
     out = tmp_path / "run"
-    run_script("grpo.py", "--rollout-backend", "vllm", "--steps", "3", "--prompts-per-step", "4", "--n-samples", "4",
-               "--micro-batch-size", "8", "--eval-size", "8", "--lr", "1e-3", "--output-dir", out,
+    model = save_family("qwen2", tmp_path / "qwen2")
+    run_script("grpo.py", "--rollout-backend", "vllm", "--model-path", model, "--steps", "3", "--prompts-per-step", "4",
+               "--n-samples", "4", "--micro-batch-size", "8", "--eval-size", "8", "--lr", "1e-3", "--output-dir", out,
                *(["--zero-stage", "3"] if ranks else []), ranks=ranks)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == max(ranks, 1) and (out / "model.safetensors").exists()
