@@ -22,8 +22,8 @@ the reference's memory during training. On --resume they are computed again for 
 Data: `prompt` + `chosen` + `rejected` columns, or `chosen` + `rejected` as two whole conversations that differ only
 in the last (assistant) message. Metrics: train/loss, train/rewards/{chosen,rejected,accuracy,margin},
 train/logps/{chosen,rejected}; eval/pair_accuracy (implicit reward of chosen > rejected on held-out pairs; ties,
-as before training when every implicit reward is 0, count half) and, on a built-in task, eval/accuracy (greedy
-exact match, as train_sft.py reports it).
+|h| <= TIE_TOL, as before training when every implicit reward is 0 up to float rounding, count half) and, on a
+built-in task, eval/accuracy (greedy exact match, as train_sft.py reports it).
 """
 import gc
 from dataclasses import dataclass
@@ -97,9 +97,19 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type:
     raise ValueError(loss_type)
 
 
-def pair_accuracy(reward_margin: torch.Tensor) -> float:
-    """Fraction of pairs whose chosen response has the higher implicit reward; a tie counts half."""
-    return ((reward_margin > 0).double() + 0.5 * (reward_margin == 0).double()).mean().item()
+# A pair is a tie when |h| <= TIE_TOL nats. h subtracts four sequence log-probs, each a float32 sum of per-token
+# log-probs; the same weights on a batch of another composition (padding, prompt sharing, kernel paths chosen by
+# shape and alignment) round differently, ~1e-6 nats on the tiny models here and ~1e-5 over ~1000-token sequences.
+# Before training (policy == reference) every pair is such a tie, and exact equality would score it 0 or 1 by the
+# sign of that noise. Real preferences of a trained policy are orders of magnitude above 1e-4 nats.
+TIE_TOL = 1e-4
+
+
+def pair_accuracy(log_ratio_margin: torch.Tensor, tol: float = TIE_TOL) -> float:
+    """Fraction of pairs whose chosen response has the higher implicit reward, i.e. whose log-ratio margin
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) > tol; a tie, |h| <= tol, counts half."""
+    h = log_ratio_margin.double()
+    return ((h > tol).double() + 0.5 * (h.abs() <= tol).double()).mean().item()
 
 
 # ---------------------------------------------------------------------------------------------- forward passes
@@ -138,7 +148,8 @@ def evaluate(policy, evals, eval_ref, eval_prompts, task, tok, args, ctx) -> dic
         losses = dpo_loss(logps[:, 0], logps[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta, args.loss,
                           args.label_smoothing)
         margin = rewards[:, 0] - rewards[:, 1]
-        metrics = {"eval/pair_accuracy": pair_accuracy(margin), "eval/loss": losses.mean().item(),
+        h = (logps[:, 0] - eval_ref[:, 0]) - (logps[:, 1] - eval_ref[:, 1])
+        metrics = {"eval/pair_accuracy": pair_accuracy(h), "eval/loss": losses.mean().item(),
                    "eval/rewards/margin": margin.mean().item(),
                    "eval/logps/chosen": logps[:, 0].mean().item(), "eval/logps/rejected": logps[:, 1].mean().item()}
         policy.train()
@@ -230,8 +241,9 @@ def main(args: Args):
             policy.step()
             reward_chosen = args.beta * (chosen.detach() - ref_chosen)
             reward_rejected = args.beta * (rejected.detach() - ref_rejected)
+            h = (chosen.detach() - ref_chosen) - (rejected.detach() - ref_rejected)
             stats += torch.tensor([loss.item(), reward_chosen.mean().item(), reward_rejected.mean().item(),
-                                   pair_accuracy(reward_chosen - reward_rejected),
+                                   pair_accuracy(h),
                                    (reward_chosen - reward_rejected).mean().item(), chosen.mean().item(),
                                    rejected.mean().item(), 1.0], dtype=torch.float64, device=ctx.device)
         step += 1

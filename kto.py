@@ -26,8 +26,9 @@ steps.
 
 Metrics: train/loss, train/kl (z0), train/rewards/{chosen,rejected,margin} (implicit rewards beta r of desirable and
 undesirable examples), train/logps/{chosen,rejected}; eval/rewards/{chosen,rejected,margin}, eval/pair_accuracy on
-held-out pairs (when the held-out rows are pairs: implicit reward of chosen > rejected, ties count half) and, on a
-built-in task, eval/accuracy (greedy exact match, as train_sft.py reports it).
+held-out pairs (when the held-out rows are pairs: implicit reward of chosen > rejected; ties, |log-ratio margin| <=
+TIE_TOL as before training, count half) and, on a built-in task, eval/accuracy (greedy exact match, as train_sft.py
+reports it).
 """
 import gc
 from dataclasses import dataclass
@@ -109,6 +110,21 @@ def kto_loss(logps, ref_logps, desirable, z0, beta: float, desirable_weight: flo
                        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
 
 
+# A pair is a tie when |h| <= TIE_TOL nats. h subtracts four sequence log-probs, each a float32 sum of per-token
+# log-probs; the same weights on a batch of another composition (padding, prompt sharing, kernel paths chosen by
+# shape and alignment) round differently, ~1e-6 nats on the tiny models here and ~1e-5 over ~1000-token sequences.
+# Before training (policy == reference) every pair is such a tie, and exact equality would score it 0 or 1 by the
+# sign of that noise. Real preferences of a trained policy are orders of magnitude above 1e-4 nats. (As dpo.py.)
+TIE_TOL = 1e-4
+
+
+def pair_accuracy(log_ratio_margin: torch.Tensor, tol: float = TIE_TOL) -> float:
+    """Fraction of pairs whose desirable (chosen) completion has the higher implicit reward, i.e. whose log-ratio
+    margin h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) > tol; a tie, |h| <= tol, counts half."""
+    h = log_ratio_margin.double()
+    return ((h > tol).double() + 0.5 * (h.abs() <= tol).double()).mean().item()
+
+
 def class_balance(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float):
     """(ratio, suggestion): ratio = lambda_D n_D / (lambda_U n_U); outside the paper's [1, 4/3] the suggestion is the
     --desirable-weight that brings it to the nearest end of that range, else None."""
@@ -173,8 +189,8 @@ def evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args
                    "eval/rewards/rejected": rewards[~good].mean().item()}
         metrics["eval/rewards/margin"] = metrics["eval/rewards/chosen"] - metrics["eval/rewards/rejected"]
         if eval_paired:
-            margin = rewards[0::2] - rewards[1::2]
-            metrics["eval/pair_accuracy"] = ((margin > 0).double() + 0.5 * (margin == 0).double()).mean().item()
+            log_ratio = logps - eval_ref
+            metrics["eval/pair_accuracy"] = pair_accuracy(log_ratio[0::2] - log_ratio[1::2])
         policy.train()
     if task:
         metrics["eval/accuracy"], metrics["eval/samples"] = rollout.greedy_eval(

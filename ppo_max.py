@@ -30,9 +30,10 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (also the frozen reference)"""
     reward_path: str = engine.DEFAULT_RM
-    """reward model (from train_rm.py); the critic starts from it unless --critic-path is given"""
+    """reward model (from train_rm.py); the critic starts from it unless --critic-path is given, and then it must have
+    the policy's tokenizer (the critic reads the policy's token ids; the reward re-tokenizes text with the RM's own)"""
     critic_path: str = ""
-    """critic initialisation (default: the reward model, as the paper does)"""
+    """critic initialisation (default: the reward model, as the paper does); saved with the policy's tokenizer"""
     preset: str = "ppo-max"
     """ppo-max: every trick at the paper's value; vanilla: all tricks off (plain PPO + KL penalty). Explicit trick
     flags override the preset"""
@@ -92,7 +93,7 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     num_minibatches: int = 2
     """optimizer steps per epoch"""
     micro_batch_size: int = 32
-    """sequences per forward/backward pass per rank"""
+    """sequences per forward/backward pass per rank (memory only: the losses are token means over the minibatch)"""
     offload_frozen: bool = False
     """keep the frozen models' parameters on CPU (ZeRO-3 offload) to save GPU memory"""
     save_critic: bool = False
@@ -187,28 +188,40 @@ def whiten(x, mask, eps: float = 1e-8):
     return (((x - mean) / (var.sqrt() + eps)) * mask).to(x.dtype)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float):
-    """-min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old), averaged over valid tokens."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float, n_tokens: float | None = None):
+    """-min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old), summed over this batch's valid tokens and
+    divided by n_tokens: the valid tokens of the WHOLE minibatch (all micro-batches, all ranks), so the micro-batches'
+    shares add up to the minibatch's token mean. n_tokens None: this batch's own count (its token mean)."""
     ratio = torch.exp(logprobs - old_logprobs)
     per_token = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / _count(mask, n_tokens)
 
 
-def value_loss(values, old_values, returns, mask, clip: float):
+def value_loss(values, old_values, returns, mask, clip: float, n_tokens: float | None = None):
     """0.5 max((V - R)^2, (V_clip - R)^2) with V_clip = V_old + clip(V - V_old, -c, c); 0.5 (V - R)^2 if c == 0;
-    averaged over valid tokens."""
+    summed over this batch's valid tokens and divided by n_tokens, the minibatch's valid tokens (as policy_loss)."""
     loss = (values - returns) ** 2
     if clip > 0:
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         loss = torch.max(loss, (clipped - returns) ** 2)
-    return 0.5 * (loss * mask).sum() / mask.sum().clamp(min=1)
+    return 0.5 * (loss * mask).sum() / _count(mask, n_tokens)
 
 
-def sft_nll(logits, input_ids, response_mask):
-    """PPO-ptx term: mean NLL of the SFT response tokens."""
+def sft_nll(logits, input_ids, response_mask, n_tokens: float | None = None):
+    """PPO-ptx term: NLL of the SFT response tokens, summed and divided by n_tokens, the SFT response tokens of every
+    ptx batch of the minibatch (all micro-batches, all ranks; `ptx_tokens`); None: this batch's mean NLL."""
     logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = response_mask[:, 1:].float()
-    return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+    return -(logprobs * mask).sum() / _count(mask, n_tokens)
+
+
+def ptx_tokens(response_mask) -> torch.Tensor:
+    """The tokens sft_nll averages over in one ptx batch: response tokens that have a preceding token."""
+    return response_mask[:, 1:].sum()
+
+
+def _count(mask, n_tokens):
+    return mask.sum().clamp(min=1) if n_tokens is None else max(n_tokens, 1)
 
 
 class AdaptiveKL:
@@ -243,6 +256,37 @@ def check_args(args: Args, world: int):
                                   "samples per minibatch per rank")
 
 
+def tokenizer_mismatch(policy_tok, critic_tok) -> str | None:
+    """What makes the critic's tokenizer unfit to read the policy's token ids, or None: the critic gets the POLICY's
+    ids, so both must map every id to the same token (equal vocabularies, added tokens included) and mark the end of
+    a response with the same EOS id (a reward model's head was trained to read the score at its own EOS)."""
+    a, b = policy_tok.get_vocab(), critic_tok.get_vocab()
+    if a != b:
+        moved = sum(b.get(t) != i for t, i in a.items())
+        return f"the vocabularies differ ({len(a)} vs {len(b)} tokens; {moved} of the policy's have another id or none)"
+    if policy_tok.eos_token_id != critic_tok.eos_token_id:
+        return f"the EOS ids differ ({policy_tok.eos_token_id} vs {critic_tok.eos_token_id})"
+    return None
+
+
+def check_critic_tokenizer(args: Args, tok, critic_path: str):
+    """Refuse a critic initialised from a model (--reward-path or --critic-path) whose tokenizer is not the policy's:
+    it would read the policy's token ids as other tokens and give silently wrong values. (The reward itself is fine:
+    the reward model re-tokenizes the text with its own tokenizer.)"""
+    if critic_path == args.model_path:
+        return
+    flag = "--critic-path" if args.critic_path else "--reward-path"
+    problem = tokenizer_mismatch(tok, engine.load_tokenizer(critic_path, args, flag))
+    if problem:
+        fix = ("use a --critic-path saved with the policy's tokenizer, or drop --critic-path and use --critic-init "
+               "policy" if args.critic_path else
+               "use --critic-init policy (the critic starts from the policy with a fresh value head), or a reward "
+               f"model trained from the policy's tokenizer (e.g. train_rm.py --model-path {args.model_path})")
+        raise dist.UserError(f"the critic starts from {flag} {critic_path}, whose tokenizer is not the policy's "
+                             f"(--model-path {args.model_path}): {problem}, so the critic would read the policy's "
+                             f"token ids as other tokens; {fix}")
+
+
 def chunked(fn, ro, micro: int):
     """Apply fn(input_ids, attention_mask) over micro-batches of a rollout and concatenate."""
     return torch.cat([fn(ro.input_ids[mb], ro.attention_mask[mb])
@@ -266,6 +310,11 @@ def main(args: Args):
         if not ptx_spec:
             raise dist.UserError("--ptx-coef > 0 needs --ptx-dataset (SFT data), or set --ptx-coef 0")
         ptx = data.tokenize(data.load_table(ptx_spec, "train", "sft"), tok, "sft", args, "ptx", say)
+    critic_path = args.critic_path or (args.reward_path if args.critic_init == "reward" else args.model_path)
+    if not critic_path:
+        raise dist.UserError("the critic starts from the reward model (--critic-init reward) but there is no "
+                             "--reward-path; give --critic-path, or --critic-init policy")
+    check_critic_tokenizer(args, tok, critic_path)
     frozen_args = args if not args.offload_frozen else type(args)(**{**vars(args), "offload": True})
     reward_fn = rewards.build(frozen_args, ctx)
     task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
@@ -273,10 +322,6 @@ def main(args: Args):
     # 2. models: policy and critic (trained), reference and reward model (frozen)
     policy = engine.load_model(args.model_path, args, ctx)
     ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), frozen_args, ctx)
-    critic_path = args.critic_path or (args.reward_path if args.critic_init == "reward" else args.model_path)
-    if not critic_path:
-        raise dist.UserError("the critic starts from the reward model (--critic-init reward) but there is no "
-                             "--reward-path; give --critic-path, or --critic-init policy")
     critic = engine.load_model(critic_path, args, ctx, kind="score", flag="--critic-path", seed=args.seed)
     out = engine.prepare_output_dir(args, ctx, "ppo_max")
     updates = args.steps * args.ppo_epochs * args.num_minibatches
@@ -354,44 +399,55 @@ def main(args: Args):
         # 8. PPO epochs over minibatches; 9. during critic warmup only the critic learns
         t = time.time()
         train_policy = step >= args.critic_warmup_steps
-        stats = torch.zeros(9, dtype=torch.float64)
-        n_updates = 0
-        for _ in range(args.ppo_epochs):
-            for minibatch in torch.randperm(len(scores)).chunk(args.num_minibatches):
-                for idx in data.micro_batches(minibatch, args.micro_batch_size):
+        stats, gap = torch.zeros(7, dtype=torch.float64), rollout.SamplerGap()
+        for epoch in range(args.ppo_epochs):
+            for j, minibatch in enumerate(torch.randperm(len(scores)).chunk(args.num_minibatches)):
+                # Every loss is a token mean over the WHOLE minibatch (all micro-batches, all ranks): each micro-batch
+                # contributes its token sum over the minibatch's token count, so a short micro-batch weighs no more
+                # than its tokens, whatever --micro-batch-size and the number of ranks.
+                micros = data.micro_batches(minibatch, args.micro_batch_size)
+                mb_tokens = dist.all_reduce(mask[minibatch].sum().double()).item()
+                ptx_batches, ptx_total = [], 0.0
+                if ptx and train_policy:  # this minibatch's ptx examples, drawn first to count their tokens
+                    pick = ptx_sampler.global_batch(step * 10_000 + epoch * args.num_minibatches + j, len(minibatch))
+                    for sub in data.micro_batches(pick, args.micro_batch_size):
+                        ptx_batches.append({key: v.to(ctx.device) for key, v in data.collate(
+                            [ptx[i]["input_ids"] for i in sub], [ptx[i]["prompt_len"] for i in sub],
+                            tok.pad_token_id).items()})
+                    ptx_total = dist.all_reduce(sum(ptx_tokens(b["response_mask"]) for b in ptx_batches)
+                                                .double()).item()
+                for k, idx in enumerate(micros):
                     m, ids, attn = mask[idx], ro.input_ids[idx], ro.attention_mask[idx]
                     values = engine.token_scores(critic, ids, attn, p_len)
-                    v_loss = value_loss(values, old_values[idx], returns[idx], m, args.value_clip)
-                    critic.backward(v_loss)
+                    v_loss = value_loss(values, old_values[idx], returns[idx], m, args.value_clip, mb_tokens)
+                    # DeepSpeed divides by grad_accum and averages over ranks; the shares already sum to the mean
+                    critic.backward(v_loss * grad_accum * ctx.world)
                     critic.step()
                     logprobs, entropy = rollout.response_logprobs(policy, ids, attn, p_len, args.temperature, True)
+                    if epoch == 0 and j == 0:  # before this step's first update: the sampler's error alone
+                        gap.add(logprobs, ro.logprobs[idx], m)
                     tis = tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
-                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx] * tis, m, args.eps)
+                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx] * tis, m, args.eps, mb_tokens)
                     ptx_loss = torch.zeros((), device=ctx.device)
-                    if ptx and train_policy:
-                        pick = ptx_sampler.global_batch(step * 10_000 + n_updates, len(idx))
-                        b = {k: v.to(ctx.device) for k, v in data.collate(
-                            [ptx[i]["input_ids"] for i in pick], [ptx[i]["prompt_len"] for i in pick],
-                            tok.pad_token_id).items()}
+                    if ptx_batches:
+                        b = ptx_batches[k]
                         logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                        ptx_loss = sft_nll(logits, b["input_ids"], b["response_mask"])
+                        ptx_loss = sft_nll(logits, b["input_ids"], b["response_mask"], ptx_total)
                     loss = pg_loss + args.ptx_coef * ptx_loss
                     for name, value in (("policy loss", loss), ("value loss", v_loss)):
                         if not torch.isfinite(value):
                             raise dist.Diverged(f"non-finite {name} at step {step + 1}; stopping (the last checkpoint "
                                                f"is intact)")
                     if train_policy:
-                        policy.backward(loss)
+                        policy.backward(loss * grad_accum * ctx.world)
                         policy.step()
-                    n_updates += 1
                     with torch.no_grad():
                         ratio = torch.exp(logprobs - old_logprobs[idx])
-                        diff = (logprobs - ro.logprobs[idx]).abs() * m
                         stats += torch.tensor([
                             pg_loss.item(), v_loss.item(), ptx_loss.item(),
                             (((ratio - 1).abs() > args.eps).float() * m).sum().item(),
                             ((old_logprobs[idx] - logprobs) * m).sum().item(), (entropy * m).sum().item(),
-                            m.sum().item(), diff.sum().item(), diff.max().item()], dtype=torch.float64)
+                            m.sum().item()], dtype=torch.float64)
                 for name, model in (("policy", policy), ("critic", critic)):
                     norm = model.get_global_grad_norm()
                     if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
@@ -403,6 +459,9 @@ def main(args: Args):
 
         # 10. log, evaluate, save
         n_tok = max(stats[6].item(), 1)
+        n_minibatches = args.ppo_epochs * args.num_minibatches
+        # the loss shares add up to each minibatch's mean over all ranks
+        losses = dist.all_reduce(stats[:3].clone()) / n_minibatches
         kl_ref = (((old_logprobs - ref_logprobs) * mask).sum() / mask.sum()).item()
         kl_ctl.update(kl_ref, args.prompts_per_step * args.n_samples)
         residual = ((returns - old_values) * mask)[mask.bool()]
@@ -413,9 +472,9 @@ def main(args: Args):
             "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
             "rollout/truncated_frac": 1 - ro.eos.float().mean().item(), "policy/kl_ref": kl_ref,
             "policy/entropy": stats[5].item() / n_tok, "policy/clip_frac": stats[3].item() / n_tok,
-            "policy/approx_kl": stats[4].item() / n_tok, "policy/logprob_diff_mean": stats[7].item() / n_tok,
-            "policy/logprob_diff_max": stats[8].item(), "loss/policy": stats[0].item() / max(1, n_updates),
-            "loss/value": stats[1].item() / max(1, n_updates), "loss/ptx": stats[2].item() / max(1, n_updates),
+            "policy/approx_kl": stats[4].item() / n_tok, **gap.check(args, generator.backend, step),
+            "loss/policy": losses[0].item(),
+            "loss/value": losses[1].item(), "loss/ptx": losses[2].item(),
             "critic/explained_variance": explained_var, "train/kl_coef": kl_ctl.beta, "train/lr": policy.get_lr()[0],
             "train/critic_lr": critic.get_lr()[0], "train/policy_updated": float(train_policy),
             "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),

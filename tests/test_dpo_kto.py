@@ -59,6 +59,15 @@ def test_pair_accuracy_counts_ties_half():
     assert dpo.pair_accuracy(torch.tensor([1.5, -1.5, 0.0, 2.0])) == (1 + 0 + 0.5 + 1) / 4
 
 
+@pytest.mark.parametrize("module", [dpo, kto])
+def test_pair_accuracy_counts_float_rounding_as_a_tie(module):
+    """A log-ratio margin within TIE_TOL nats of 0 is a tie (half), beyond it a win or a loss."""
+    tol = module.TIE_TOL
+    assert 1e-6 <= tol <= 1e-3  # above float32 rounding of a sequence log-prob, below any real preference
+    h = torch.tensor([0.5 * tol, -0.5 * tol, 0.0, 2 * tol, -2 * tol, 1.0])
+    assert module.pair_accuracy(h) == (0.5 + 0.5 + 0.5 + 1 + 0 + 1) / 6
+
+
 # ---------------------------------------------------------------------------------------------- sequence log-probs
 
 
@@ -99,6 +108,37 @@ def test_sequence_logps_sum_response_tokens_only(tokenizer, pad_is_eos):
         assert abs(rejected[i].item() - loop_logp(model, p, r)) < 1e-4
         assert abs(chosen_mean[i].item() - loop_logp(model, p, c) / len(c)) < 1e-4  # IPO: mean over response tokens
         assert abs(unpaired[i].item() - loop_logp(model, p, c)) < 1e-4
+
+
+@pytest.mark.parametrize("script", ["dpo", "kto"])
+def test_pair_accuracy_is_one_half_when_the_policy_is_the_reference(tokenizer, script):
+    """Before training (policy == reference) every held-out pair is a tie, even when the reference log-probs come
+    from batches of another composition (one pair at a time, as against all pairs in one batch) and so round
+    differently: the accuracy the script's evaluate() reports is exactly 0.5."""
+    from shared.dist import Ctx
+
+    model, pad, ctx = tiny_llama(len(tokenizer)), tokenizer.pad_token_id, Ctx(0, 1, 0, torch.device("cpu"))
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = []
+    for a in range(1, 40, 3):
+        for b in (7, 123):
+            p = enc(f"{a}+{b}=")
+            pairs.append({"chosen_ids": p + enc(str(a + b)) + [tokenizer.eos_token_id],
+                          "rejected_ids": p + enc(str(a * b + 1)) + [tokenizer.eos_token_id], "prompt_len": len(p)})
+    if script == "dpo":
+        args, one_at_a_time = dpo.Args(micro_batch_size=64), dpo.Args(micro_batch_size=1)
+        ref = dpo.all_pair_logps(model, pairs, pad, one_at_a_time, ctx)
+        noise = (dpo.all_pair_logps(model, pairs, pad, args, ctx) - ref).abs().max().item()
+        metrics = dpo.evaluate(model, pairs, ref, [], None, tokenizer, args, ctx)
+    else:
+        examples = [{"input_ids": p[key], "prompt_len": p["prompt_len"], "label": key == "chosen_ids"}
+                    for p in pairs for key in ("chosen_ids", "rejected_ids")]  # as kto.split_examples lays out pairs
+        args, one_at_a_time = kto.Args(micro_batch_size=64), kto.Args(micro_batch_size=1)
+        ref = kto.all_logps(model, examples, pad, one_at_a_time, ctx)
+        noise = (kto.all_logps(model, examples, pad, args, ctx) - ref).abs().max().item()
+        metrics = kto.evaluate(model, examples, ref, True, [], None, tokenizer, args, ctx)
+    assert 0 < noise < 1e-5  # the two compositions do round differently, by float noise only
+    assert metrics["eval/pair_accuracy"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------- KTO math
@@ -250,6 +290,7 @@ def test_outputs_have_the_documented_metrics_and_reload(three_runs):
     # round alike: the LM head runs on a few positions, where kernels pick paths by alignment)
     rewards = {k: v for k, v in summary["before"].items() if k.startswith("eval/rewards/")}
     assert rewards and all(abs(v) < 1e-5 for v in rewards.values()), rewards
+    assert summary["before"]["eval/pair_accuracy"] == 0.5  # every pair a tie, whatever the rounding
     assert (run / "step_2" / "model.safetensors").exists() and (run / "checkpoint" / "state.json").exists()
     tok, model = AutoTokenizer.from_pretrained(run), AutoModelForCausalLM.from_pretrained(run)
     ids = torch.tensor([tok("12+30=")["input_ids"]])
