@@ -316,7 +316,7 @@ def main(args: Args):
                              "--reward-path; give --critic-path, or --critic-init policy")
     check_critic_tokenizer(args, tok, critic_path)
     frozen_args = args if not args.offload_frozen else type(args)(**{**vars(args), "offload": True})
-    reward_fn = rewards.build(frozen_args, ctx)
+    reward_fn = rewards.build(frozen_args, ctx, probe=prompts[0])  # one trial call, before anything is written
     task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
 
     # 2. models: policy and critic (trained), reference and reward model (frozen)
@@ -368,7 +368,7 @@ def main(args: Args):
         t = time.time()
         texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
         extras = {k: [batch[i]["extras"][k] for i in ro.prompt_index.tolist()] for k in batch[0]["extras"]}
-        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras)
+        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras, step=step + 1)
         scores = scores + args.truncated_penalty * (~ro.eos).float().cpu()
         timing["score"] = time.time() - t
         if not torch.isfinite(scores).all():

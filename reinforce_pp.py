@@ -126,7 +126,7 @@ def main(args: Args):
     train_rows, eval_rows = data.train_eval_rows(args, "prompt")
     prompts = data.tokenize(train_rows, tok, "prompt", args, "train", say)
     eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", say) if eval_rows else []
-    reward_fn = rewards.build(args, ctx)
+    reward_fn = rewards.build(args, ctx, probe=prompts[0])  # one trial call, before anything is written
     eval_fn = tasks.get(args.dataset).reward if args.dataset in tasks.TASKS else (
         lambda prompts, responses, **x: reward_fn(prompts, responses, [True] * len(responses), x)[0])
 
@@ -159,7 +159,7 @@ def main(args: Args):
         t = time.time()
         texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
         extras = {k: [batch[i]["extras"][k] for i in ro.prompt_index.tolist()] for k in batch[0]["extras"]}
-        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras)
+        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras, step=step + 1)
         timing["score"] = time.time() - t
         metrics["rollout/zero_std_groups_frac"] = (scores.view(-1, args.n_samples).std(1) == 0).float().mean().item() \
             if args.n_samples > 1 else 0.0

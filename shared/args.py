@@ -6,21 +6,32 @@ from dataclasses import dataclass
 @dataclass
 class RunArgs:
     output_dir: str = ""
-    """where the run writes its model, metrics.jsonl, summary.json and checkpoint (default: runs/<script>__<seed>__<time>)"""
+    """where the run writes its model, metrics.jsonl, summary.json and checkpoint (default: runs/<script>__<seed>__<time>);
+    may be spelled differently on --resume"""
     overwrite: bool = False
-    """replace an existing output directory that holds an earlier run"""
+    """replace an existing output directory that holds an earlier run (deletes its checkpoints: to continue a stopped
+    run, use --resume)"""
     resume: bool = False
-    """continue the run in --output-dir from its last checkpoint (exactly: weights, optimizer, RNG and data position)"""
+    """continue the run in --output-dir from its newest whole checkpoint (exactly: weights, optimizer, RNG and data
+    position), with the same number of ranks. Give the run's flags again: only --steps (longer; not with
+    --lr-decay), --save-every, --stop-after, --eval-every, --track, --wandb-project and the spelling of --output-dir
+    may change; any other change (--lr, --batch-size, --model-path, --zero-stage...) alters the training and is
+    refused. args.json keeps the flags the run started with; each resume appends its step and changed flags to
+    resumes.jsonl"""
     stop_after: int = 0
-    """stop after this many steps (counted from the start of training) with a checkpoint, to --resume later"""
+    """stop after this many steps (counted from the start of training) with a checkpoint, to --resume later; SIGTERM
+    or SIGINT (Ctrl-C) do the same at the end of the current step and exit with 128 + signal (a second one exits at
+    once). May change on --resume"""
     save_every: int = 0
-    """every N steps write a resumable checkpoint and an HF export to <output-dir>/step_N (0: only the final export)"""
+    """every N steps write an HF export to <output-dir>/step_N and a resumable checkpoint (0: only the final export).
+    May change on --resume"""
     seed: int = 1
     """random seed (each rank uses seed + rank)"""
     track: bool = False
-    """log to Weights & Biases (offline unless you are logged in; set WANDB_MODE=online to force)"""
+    """log to Weights & Biases (offline unless you are logged in; set WANDB_MODE=online to force). May change on
+    --resume"""
     wandb_project: str = "onefile-rlhf"
-    """wandb project name"""
+    """wandb project name (may change on --resume)"""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (3 shards parameters; frozen models are sharded the same way)"""
     offload: bool = False
@@ -38,7 +49,7 @@ class RunArgs:
     trust_remote_code: bool = False
     """allow model/tokenizer code from the model directory to run (only for sources you trust)"""
     local_rank: int = -1
-    """set by the deepspeed launcher; leave it"""
+    """set by the deepspeed launcher; leave it (not compared on --resume)"""
 
 
 @dataclass

@@ -26,6 +26,33 @@ KINDS = {  # kind -> the columns its rows need (besides the prompt)
 LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+class Row(dict):
+    """A row that remembers where its file has it: `index` (0-based, in the file's order) and `where` (e.g.
+    "data.jsonl line 31"), so an error names the row as the file has it although rows are shuffled before they are
+    validated (`train_eval_rows`)."""
+
+    def __init__(self, row: dict, index: int, where: str):
+        super().__init__(row)
+        self.index, self.where = index, where
+
+
+def _located(rows: list, name: str, lines: list[int] | None = None) -> list:
+    """Rows as `Row`s: index i, and line lines[i] of file `name` when given (jsonl, csv)."""
+    return [Row(r, i, f"{name} line {lines[i]}" if lines else name) if isinstance(r, dict) else r
+            for i, r in enumerate(rows)]
+
+
+def _at(row, i: int, col: str | None = None) -> str:
+    """"row 30, column 'response' (data.jsonl line 31)": the row as its file has it (i, its position now, for rows
+    that do not know their origin: a built-in task's)."""
+    text = f"row {getattr(row, 'index', i)}" + (f", column '{col}'" if col else "")
+    return text + (f" ({row.where})" if getattr(row, "where", "") else "")
+
+
+def _columns(row: dict) -> list[str]:
+    return sorted(str(k) for k in row)  # (a csv row with more cells than its header has a None key)
+
+
 def load_table(spec: str, split: str, kind: str) -> list[dict]:
     """Rows (dicts) of a built-in task, a local file or directory, or a hub dataset."""
     if spec in tasks.TASKS:
@@ -38,17 +65,18 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
             if path.suffix not in LOADERS:
                 raise UserError(f"dataset file {spec} has an unsupported extension; use one of {sorted(LOADERS)}")
             if path.suffix == ".csv":  # every cell is text: "3" stays a string, as written
-                with open(path, newline="") as f:
-                    return list(csv.DictReader(f))
+                return _read_csv(path)
             if path.suffix in (".json", ".jsonl"):  # read as written: no type coercion across rows
                 return _read_json(path)
             ds = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train")
+            where = path.name
         elif path.is_dir():
             if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
                 ds = datasets.load_from_disk(str(path))
                 ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
             else:
                 ds = datasets.load_dataset(str(path), split=split)
+            where = f"{spec} split {split}"
         elif path.suffix in LOADERS or spec.startswith((".", "/", "~")):
             raise UserError(f"dataset file {spec} does not exist; check the path")
         elif "/" not in spec:
@@ -56,13 +84,25 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
                             f"give its full name, owner/name")
         else:
             ds = datasets.load_dataset(spec, split=split)
+            where = f"{spec} split {split}"
     except UserError:
         raise
     except Exception as e:  # a hub name that cannot be reached, a split that does not exist, a malformed file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not load dataset '{spec}' (split '{split}'): {msg}. Built-in tasks: "
                         f"{sorted(tasks.TASKS)}; local json/jsonl/parquet/csv files and directories also work") from None
-    return ds.to_list()
+    return _located(ds.to_list(), where)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """The rows of a csv file, each knowing its line (the header is line 1)."""
+    rows, lines = [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:  # line_num: the row's last line; a quoted cell may span lines
+            rows.append(row)
+            lines.append(reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str)))
+    return _located(rows, path.name, lines)
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -71,19 +111,24 @@ def _read_json(path: Path) -> list[dict]:
         rows = json.loads(text) if path.suffix == ".json" else None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); fix the file") from None
+    lines = None
     if rows is None:
-        rows = []
+        rows, lines = [], []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or drop that line") from None
+                if not isinstance(rows[-1], dict):
+                    raise UserError(f"{path} line {n} holds a JSON {type(rows[-1]).__name__}, not an object; each "
+                                    f"line of a .jsonl file is one row, an object {{column: value}}")
+                lines.append(n)
     if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
         rows = next(iter(rows.values()))  # {"data": [...]}
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{path} must hold a list of objects (one per row), or one object per line in .jsonl")
-    return rows
+    return _located(rows, path.name, lines)
 
 
 def train_eval_rows(args, kind: str) -> tuple[list[dict], list[dict]]:
@@ -93,7 +138,7 @@ def train_eval_rows(args, kind: str) -> tuple[list[dict], list[dict]]:
         eval_rows = load_table(args.eval_dataset, args.eval_split, kind)
     elif args.dataset in tasks.TASKS:
         eval_rows = load_table(args.dataset, "test", kind)
-    else:
+    else:  # (each row keeps its place in the file for error messages: `Row`)
         random.Random(0).shuffle(rows)
         n_eval = min(args.eval_size, len(rows) // 10)
         eval_rows, rows = rows[:n_eval], rows[n_eval:]
@@ -112,20 +157,20 @@ def _is_messages(x) -> bool:
 
 def _field(row: dict, i: int, col: str, flag: str, allow_messages: bool = True):
     if col not in row:
-        raise UserError(f"column '{col}' not found; available columns: {sorted(row)}. Set --{flag}")
+        raise UserError(f"column '{col}' not found; available columns: {_columns(row)}, in {_at(row, i)}. Set --{flag}")
     value = row[col]
     if isinstance(value, str) and value.strip():
         return value
     if allow_messages and _is_messages(value):
         return value
     what = "a non-empty string" + (" or a list of {role, content} messages" if allow_messages else "")
-    raise UserError(f"row {i}, column '{col}': expected {what}, got {type(value).__name__} {str(value)[:40]!r}; "
+    raise UserError(f"{_at(row, i, col)}: expected {what}, got {type(value).__name__} {str(value)[:40]!r}; "
                     f"fix or drop that row")
 
 
-def _split_conversation(conv, i: int, col: str):
+def _split_conversation(conv, i: int, col: str, row=None):
     if not _is_messages(conv) or conv[-1]["role"] != "assistant" or len(conv) < 2:
-        raise UserError(f"row {i}, column '{col}': a conversation must be a list of messages ending with an "
+        raise UserError(f"{_at(row, i, col)}: a conversation must be a list of messages ending with an "
                         f"assistant message")
     return conv[:-1], conv[-1]["content"]
 
@@ -138,15 +183,15 @@ def normalise(rows: list[dict], kind: str, args) -> list[dict]:
     for i, row in enumerate(rows):
         ex = {}
         if kind == "pair" and args.prompt_column not in row and args.chosen_column in row:  # two full conversations
-            p1, ex["chosen"] = _split_conversation(row[args.chosen_column], i, args.chosen_column)
+            p1, ex["chosen"] = _split_conversation(row[args.chosen_column], i, args.chosen_column, row)
             p2, ex["rejected"] = _split_conversation(_field(row, i, args.rejected_column, "rejected-column"), i,
-                                                     args.rejected_column)
+                                                     args.rejected_column, row)
             if p1 != p2:
-                raise UserError(f"row {i}: the chosen and rejected conversations differ before the last message")
+                raise UserError(f"{_at(row, i)}: the chosen and rejected conversations differ before the last message")
             ex["prompt"] = p1
         elif use_messages and kind != "pair":
             ex["prompt"], response = _split_conversation(
-                _field(row, i, args.messages_column, "messages-column"), i, args.messages_column)
+                _field(row, i, args.messages_column, "messages-column"), i, args.messages_column, row)
             if kind != "prompt":
                 ex["response"] = response
         else:
@@ -157,12 +202,12 @@ def normalise(rows: list[dict], kind: str, args) -> list[dict]:
                 continue
             if need == "label":
                 if args.label_column not in row:
-                    raise UserError(f"column '{args.label_column}' not found; available columns: {sorted(row)}. "
-                                    f"Set --label-column")
+                    raise UserError(f"column '{args.label_column}' not found; available columns: {_columns(row)}, "
+                                    f"in {_at(row, i)}. Set --label-column")
                 label = row[args.label_column]
                 label = {"true": True, "false": False, "1": True, "0": False}.get(str(label).lower(), label)
                 if label not in (True, False, 0, 1):
-                    raise UserError(f"row {i}, column '{args.label_column}': expected a bool, got {label!r}")
+                    raise UserError(f"{_at(row, i, args.label_column)}: expected a bool, got {label!r}")
                 ex["label"] = bool(label)
             else:
                 ex[need] = _field(row, i, cols[need], f"{need}-column", allow_messages=False)

@@ -1,8 +1,10 @@
 """Launch plumbing: works under `python X.py`, `deepspeed X.py` and `deepspeed --num_gpus N X.py`."""
 import os
 import random
+import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +20,13 @@ class Diverged(RuntimeError):
 
 
 def cli(main, args_cls):
-    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2."""
+    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2. SIGTERM and
+    SIGINT stop the run at the end of the current step with a checkpoint (`stop_signal`), exit code 128 + signal."""
     import tyro
 
     args = tyro.cli(args_cls)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _on_signal)
     try:
         main(args)
     except (UserError, Diverged) as e:
@@ -29,6 +34,38 @@ def cli(main, args_cls):
             print(f"{'error' if isinstance(e, UserError) else 'stopped'}: {e}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, UserError) else 3)
     finish()
+    if stopped_by:
+        sys.exit(128 + stopped_by)
+
+
+_received = [0, 0.0]  # the first SIGTERM/SIGINT this process got, and when
+stopped_by = 0  # the signal every rank agreed to stop on (`stop_signal`)
+ECHO_S = 2.0  # a repeat within this many seconds is the same request arriving twice, not a second one
+
+
+def _on_signal(signum, frame):
+    """SIGTERM (SLURM, Kubernetes, the deepspeed launcher) or SIGINT (Ctrl-C): note it; the loop stops at the end of
+    the current step (`stop_signal`). A second one exits at once, without a checkpoint. One arriving within ECHO_S of
+    the first is not a second one: under the deepspeed launcher a Ctrl-C reaches each rank twice, from the terminal
+    and as the launcher's SIGTERM (and a scheduler may signal both the launcher and the ranks)."""
+    name, rank0 = signal.Signals(signum).name, os.environ.get("RANK", "0") == "0"
+    if not _received[0]:
+        _received[:] = signum, time.monotonic()
+        if rank0:  # os.write: print() could re-enter a stream the interrupted code is writing to
+            os.write(2, f"\n{name}: stopping after this step with a checkpoint; send it again to exit at once\n"
+                     .encode())
+    elif time.monotonic() - _received[1] > ECHO_S:
+        if rank0:
+            os.write(2, f"\n{name} again: exiting now, without a checkpoint\n".encode())
+        os._exit(128 + signum)
+
+
+def stop_signal() -> int:
+    """At a step boundary, on every rank: the signal (SIGTERM/SIGINT) any rank has received, else 0. All ranks get the
+    same answer (a max all-reduce), so all stop after the same step."""
+    global stopped_by
+    stopped_by = int(all_reduce(torch.tensor([float(_received[0])]), "max").item())
+    return stopped_by
 
 
 _finish_hooks = []

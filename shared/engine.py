@@ -5,12 +5,14 @@ import inspect
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from shared import dist
+from shared import dist, tracking
 from shared.dist import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -44,10 +46,25 @@ def _check_model_path(path: str, flag: str):
 
 
 def _hf_load(fn, path, flag, **kw):
+    """fn(path, **kw); what a damaged or mismatched model directory raises becomes one line (a UserError)."""
+    from safetensors import SafetensorError
+
     try:
         return fn(path, **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load {flag} {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if isinstance(e, (OSError, ValueError)):
+            hint = ""
+        elif isinstance(e, SafetensorError):
+            hint = "; a truncated or corrupt .safetensors file? copy it again"
+        elif isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e):
+            hint = "; do its config.json and weights belong together?"  # shapes that do not fit the config
+        elif type(e) is Exception:  # the tokenizers library's error for a tokenizer.json it cannot parse
+            hint = "; a damaged tokenizer.json?"
+        else:
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])[:300] if lines else type(e).__name__
+        raise UserError(f"could not load {flag} {path}: {reason}{hint}") from None
 
 
 def load_tokenizer(path: str, args, flag: str = "--model-path"):
@@ -100,16 +117,29 @@ def disable_dropout(model):
 
 
 def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-path", seed: int = 0,
-               dropout: bool = False):
+               dropout: bool = False, trained_head: bool = False):
     """A causal LM (kind='causal') or a scalar-head model (kind='score': reward model or critic). With ZeRO-3 the
     parameters are built sharded. `path='tiny'` builds the tiny default policy from its config in code. Dropout is
-    switched off unless `dropout` (train_sft.py keeps the model's own)."""
+    switched off unless `dropout` (train_sft.py keeps the model's own).
+
+    A score model started from a causal LM gets a fresh head: expected for a critic or train_rm.py's start model
+    (transformers' load report saying so is dropped), refused with `trained_head` (a reward model must bring its
+    trained head: a random one would be a random reward)."""
+    import logging
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
     _zero3_construction(args, ctx)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
+
+    def no_head(what: str):
+        return UserError(f"{flag} {path} has no trained score head: {what}, so its reward would come from a randomly "
+                         f"initialised head; give a reward model from train_rm.py (or any 1-label sequence classifier)")
+
     if path == "tiny":
+        if trained_head:
+            raise no_head("it is the untrained tiny default model")
         tok = load_tokenizer("tiny", args)
         config = LlamaConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None, **TINY, **extra)
         torch.manual_seed(seed)  # the same initial weights on every rank
@@ -118,8 +148,36 @@ def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-
         _check_model_path(path, flag)
         config = _hf_load(AutoConfig.from_pretrained, path, flag, trust_remote_code=args.trust_remote_code, **extra)
         config.pad_token_id = None  # ZeRO-3 construction fails on the padding row; padding is masked anyway
-        model = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=dtype(args, ctx),
-                         trust_remote_code=args.trust_remote_code)
+        if kind == "causal":
+            model = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=dtype(args, ctx),
+                             trust_remote_code=args.trust_remote_code)
+            return model if dropout else disable_dropout(model)
+        held = []  # transformers' load report (a warning), kept back until we know whether it says anything unexpected
+
+        class Hold(logging.Filter):
+            def filter(self, record):
+                if "LOAD REPORT" in str(record.msg):
+                    held.append(record)
+                    return False
+                return True
+
+        log, hold = logging.getLogger("transformers.modeling_utils"), Hold()
+        log.addFilter(hold)
+        try:
+            model, info = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=dtype(args, ctx),
+                                   trust_remote_code=args.trust_remote_code, output_loading_info=True)
+        finally:
+            log.removeFilter(hold)
+        base = model.base_model_prefix + "."
+        missing, unexpected = set(info.get("missing_keys", ())), set(info.get("unexpected_keys", ()))
+        head = {k for k in missing if not k.startswith(base)}  # e.g. score.weight: not in the checkpoint
+        if head and trained_head:
+            raise no_head(f"it looks like a causal LM (a policy or SFT model; {', '.join(sorted(head))} is not in "
+                          f"its checkpoint)")
+        # expected: only the head is new, and only a causal LM head (lm_head.weight) is left over
+        if missing - head or info.get("mismatched_keys") or any(k.startswith(base) for k in unexpected):
+            for record in held:
+                log.handle(record)
     return model if dropout else disable_dropout(model)
 
 
@@ -275,36 +333,199 @@ def gathered(model):
 # ---------------------------------------------------------------------------------------------- saving
 
 
+# On --resume these flags may differ from the run's args.json: they do not change what it trains (RunArgs.resume
+# lists them). --steps only without --lr-decay, whose schedule spans the steps. Any other change is refused.
+RESUME_MAY_CHANGE = ("steps", "save_every", "stop_after", "eval_every", "track", "wandb_project", "output_dir",
+                     "resume", "overwrite", "local_rank")
+COMPLETE = "COMPLETE"  # written last into checkpoint.tmp: the checkpoint is whole
+_faults = {}
+
+
+def _fault(point: str, on: bool = True):
+    """Fault injection for tests/test_recovery.py: RLHF_FAULT=POINT:K kills this process (SIGKILL, like kill -9) the
+    K-th time it reaches POINT (export-tmp, export-partial, checkpoint-tmp, checkpoint-marked, checkpoint-renamed,
+    checkpoint-replaced, checkpoint-discard)."""
+    point_k = os.environ.get("RLHF_FAULT", "").rpartition(":")
+    if on and point_k[0] == point:
+        _faults[point] = _faults.get(point, 0) + 1
+        if _faults[point] == int(point_k[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_writable(out: Path):
+    """A file where the output directory (or one of its parents) should be, or a place this process cannot write:
+    one line, before anything is written."""
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"--output-dir {out}: {p} is a file, not a directory; choose another path")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {out}: {p} is not writable (read-only, or not yours); choose another path")
+
+
+def _whole_step(d: Path):
+    """The step of checkpoint directory `d` if it is whole, else None. checkpoint/ is whole when it holds state.json
+    (it only ever appears by renaming a whole one); checkpoint.tmp and checkpoint.old need the COMPLETE marker."""
+    if not (d / "state.json").is_file() or (d.name != "checkpoint" and not (d / COMPLETE).is_file()):
+        return None
+    try:
+        return int(json.loads((d / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _newest_checkpoint(out: Path):
+    """(directory, step) of the newest whole checkpoint among checkpoint, checkpoint.tmp and checkpoint.old (a kill
+    inside save_checkpoint may leave any of them), or (None, None)."""
+    found = [(step, d) for d in (out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old")
+             if (step := _whole_step(d)) is not None]
+    return max(found, key=lambda f: f[0])[::-1] if found else (None, None)  # a tie: checkpoint/ first
+
+
+def _discard(d: Path, fault: bool = False):
+    """Delete a checkpoint directory, its marks of wholeness first: one whose deletion is cut short is never taken
+    for whole."""
+    if d.exists():
+        for name in (COMPLETE, "state.json"):
+            (d / name).unlink(missing_ok=True)
+        _fault("checkpoint-discard", fault)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _commit(out: Path, src: Path, fault: bool = False):
+    """Make the whole checkpoint `src` (checkpoint.tmp, or on resume whichever `_newest_checkpoint` found) the
+    checkpoint/ directory and delete the other copies. Killed anywhere in here, it leaves the newest whole checkpoint
+    for `_newest_checkpoint` to find."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if src == tmp:
+        _discard(old)
+        if final.exists():
+            os.replace(final, old)
+            _fault("checkpoint-renamed", fault)
+        os.replace(tmp, final)
+        _fault("checkpoint-replaced", fault)
+    elif src == old:
+        _discard(tmp)
+        _discard(final)
+        os.replace(old, final)
+    _discard(old, fault)
+    _discard(tmp)
+
+
+def _fsync_tree(d: Path):
+    """Flush every file and directory under `d` to disk (a marker written after it then means whole, also after a
+    power loss)."""
+    for root, _, files in os.walk(d):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _same(a, b) -> bool:
+    """Two recorded flag values are the same (a path also when spelled differently)."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+                      and os.path.samefile(a, b))
+
+
+def _check_resume(args, out: Path, ckpt: Path, step: int, ctx) -> dict:
+    """--resume continues the run that args.json records: refuse a flag change that would alter its training (any
+    flag not in RESUME_MAY_CHANGE), --steps or --stop-after not past the checkpoint, another number of ranks. Returns
+    the changes allowed, {flag: [recorded, now]}."""
+    import dataclasses
+
+    name = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    now = json.loads(json.dumps(vars(args), default=str))
+    try:
+        recorded = json.loads((out / "args.json").read_text())
+    except (OSError, ValueError):
+        recorded = now  # (a run of this project always has one)
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(args)
+                                      if f.default is not dataclasses.MISSING}, default=str))
+    changed = {}
+    for k, v in now.items():
+        old = recorded.get(k, defaults.get(k, "(not recorded)"))  # a flag newer than the run: its default then
+        if not _same(old, v):
+            changed[k] = [old, v]
+    may = [k for k in RESUME_MAY_CHANGE if not (k == "steps" and args.lr_decay)]
+    refused = {k: v for k, v in changed.items() if k not in may}
+    if refused:
+        raise UserError(f"--resume would change how the run in {out} trains: "
+                        f"{', '.join(f'{name(k)} {o} -> {n}' for k, (o, n) in refused.items())} (its args.json); "
+                        f"resume with the recorded values or start a new run (only "
+                        f"{', '.join(name(k) for k in may if k not in ('resume', 'overwrite', 'local_rank'))} may "
+                        f"change)")
+    if getattr(args, "steps", step) < step:
+        raise UserError(f"--resume: --steps {args.steps} is below the checkpoint's step {step}")
+    if 0 < args.stop_after <= step:
+        raise UserError(f"--resume: --stop-after {args.stop_after} is not after the checkpoint's step {step}; give a "
+                        f"later step, or leave it out to run to the end")
+    ranks = len(list(ckpt.glob("rng_rank*.pt")))
+    if ranks and ranks != ctx.world:
+        raise UserError(f"--resume: the checkpoint in {out} was written by {ranks} ranks and this run has {ctx.world}; "
+                        f"resume with {ranks} (each rank has its own share of the data and its own random stream)")
+    return {k: v for k, v in changed.items() if k not in ("resume", "local_rank")}
+
+
 def prepare_output_dir(args, ctx, script: str) -> Path:
-    """Resolve --output-dir; refuse one that holds files unless --overwrite (only a previous run) or --resume."""
+    """Resolve --output-dir; refuse a file, a place this process cannot write, and one that holds files unless
+    --overwrite (only a previous run) or --resume. With --resume: the flags must match args.json (`_check_resume`);
+    the newest whole checkpoint becomes checkpoint/, what the interrupted run left behind goes (temporary
+    directories, metrics.jsonl rows after the checkpoint's step), and a line with the checkpoint's step and the flags
+    that changed is appended to resumes.jsonl. args.json stays the record of the run as first started."""
     if not args.output_dir:
         if args.resume:
             raise UserError("--resume needs --output-dir (the run to continue)")
         stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         args.output_dir = f"runs/{script}__{args.seed}__{stamp}"
     out = Path(args.output_dir)
+    _check_writable(out)
     busy = out.exists() and any(out.iterdir())
     if args.resume:
-        if not (out / "checkpoint" / "state.json").exists():
-            raise UserError(f"--resume: {out} has no checkpoint to continue from (runs save one with --save-every)")
+        ckpt, step = _newest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"--resume: {out} has no checkpoint to continue from (runs save one with --save-every, "
+                            f"--stop-after, or when stopped by SIGTERM or SIGINT)")
+        changed = _check_resume(args, out, ckpt, step, ctx)
     elif busy and not args.overwrite:
         raise UserError(f"--output-dir {out} already holds files; pass --overwrite to replace that run, --resume to "
                         f"continue it, or choose another directory")
     elif busy and not (out / "args.json").exists():
         raise UserError(f"--output-dir {out} holds files that are not a run of this project; refusing to delete them")
     dist.barrier()
+    error = None
     if ctx.main:
-        if busy and args.overwrite and not args.resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
-    dist.barrier()
+        try:
+            if args.resume:
+                _commit(out, ckpt)
+                for t in [*out.glob(".*.export.tmp"), *out.glob("*/.*.export.tmp")]:  # exports cut short
+                    shutil.rmtree(t, ignore_errors=True)
+                tracking.truncate_metrics(out, step)
+                with open(out / "resumes.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step, "world": ctx.world,
+                                        "changed": changed}) + "\n")
+            else:
+                if busy and args.overwrite:
+                    for f in out.iterdir():
+                        shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "args.json.tmp").write_text(json.dumps(vars(args), indent=1, default=str))
+                os.replace(out / "args.json.tmp", out / "args.json")
+        except OSError as e:
+            error = f"--output-dir {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}"
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
     return out
 
 
 def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
     """Save the full model (gathered under ZeRO-3) and tokenizer in HF format. Into a new directory through a
-    temporary name and a rename; into an existing run directory file by file, each replaced atomically."""
+    temporary name and a rename; into an existing directory file by file, each replaced atomically. The temporary
+    directory, .<name>.export.tmp, lies inside the run directory: --resume deletes one a kill left."""
     import deepspeed
 
     model = getattr(model, "module", model)
@@ -315,7 +536,7 @@ def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
                 state[name] = p.detach().cpu().clone()
     if ctx.main:
         path = Path(path)
-        tmp = path.parent / f".{path.name}.export.tmp"
+        tmp = (path if path.exists() else path.parent) / f".{path.name}.export.tmp"  # inside the run directory
         shutil.rmtree(tmp, ignore_errors=True)
         model.config.pad_token_id = tok.pad_token_id
         for k, v in (config_updates or {}).items():
@@ -323,9 +544,11 @@ def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         model.config.pad_token_id = None
         tok.save_pretrained(tmp)
+        _fault("export-tmp")
         if path.exists():
-            for f in tmp.iterdir():
+            for f in list(tmp.iterdir()):
                 os.replace(f, path / f.name)
+                _fault("export-partial")
             tmp.rmdir()
         else:
             os.replace(tmp, path)
@@ -334,35 +557,44 @@ def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
 
 def save_checkpoint(out: Path, engines: dict, state: dict, ctx):
     """Resumable checkpoint: every engine (weights, optimizer, LR schedule), every rank's RNG state and the loop
-    state (step, running statistics...). Written to checkpoint.tmp, then renamed over checkpoint."""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    state (step, running statistics...). Written to checkpoint.tmp, flushed to disk, marked whole by a COMPLETE file
+    written last, then renamed over checkpoint (`_commit`). --resume takes the newest whole one it finds."""
+    tmp = out / "checkpoint.tmp"
     if ctx.main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
     dist.barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(tmp), tag=name)
     torch.save(dist.rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     dist.barrier()
     if ctx.main:
+        _fault("checkpoint-tmp")
         (tmp / "state.json").write_text(json.dumps(state))
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        (tmp / COMPLETE).write_text(f"{state['step']}\n")
+        _fault("checkpoint-marked")
+        _commit(out, tmp, fault=True)
     dist.barrier()
 
 
 def periodic_save(args, out: Path, step: int, engines: dict, state: dict, tok, ctx) -> bool:
-    """--save-every: a resumable checkpoint plus an HF export of the first engine to step_N; --stop-after: a checkpoint,
-    then True (the script returns, to be continued with --resume)."""
+    """Called by every rank at the end of every step. --save-every: an HF export of the first engine to step_N, then a
+    resumable checkpoint (in that order: a kill before the checkpoint is replaced redoes the step and its export).
+    --stop-after, or a SIGTERM/SIGINT that any rank received during the step (`dist.stop_signal`): a checkpoint, then
+    True (the script returns, to be continued with --resume; after a signal the exit code is 128 + signal)."""
     due = bool(args.save_every) and step % args.save_every == 0
-    if due or step == args.stop_after:
-        save_checkpoint(out, engines, state, ctx)
+    sig = dist.stop_signal()  # all ranks agree, so all stop after this same step
+    stop = bool(sig) or step == args.stop_after
     if due:
         export_hf(next(iter(engines.values())), tok, out / f"step_{step}", ctx)
-    if step == args.stop_after and ctx.main:
+    if due or stop:
+        save_checkpoint(out, engines, state, ctx)
+    if sig and ctx.main:
+        print(f"stopped by {signal.Signals(sig).name} at step {step}; resume with --resume --output-dir {out}",
+              file=sys.stderr, flush=True)
+    elif step == args.stop_after and ctx.main:
         print(f"stopped after step {step}; continue with --resume --output-dir {out}", flush=True)
-    return step == args.stop_after
+    return stop
 
 
 def load_checkpoint(out: Path, engines: dict, ctx) -> dict:

@@ -1,10 +1,29 @@
-"""Logging: one concise line per step on rank 0, metrics.jsonl (one line per logged step), summary.json, and wandb
-with --track (offline unless WANDB_MODE says otherwise)."""
+"""Logging: one concise line per step on rank 0, metrics.jsonl (one line per logged step, each step once also across
+a --resume), summary.json, and wandb with --track (offline unless WANDB_MODE says otherwise)."""
 import json
 import math
 import os
 import time
 from pathlib import Path
+
+
+def truncate_metrics(out: Path, step: int):
+    """On --resume: keep the rows of metrics.jsonl up to `step` (the checkpoint's). Later rows, logged by the stopped
+    run after its last checkpoint, would otherwise appear twice: the resumed run logs those steps again. A row cut
+    short by a kill goes too. Atomic: a temporary file, then a rename."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 class Tracker:

@@ -221,7 +221,7 @@ def test_nan_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         "def score(prompts, responses, **_):\n"
         "    global calls\n"
         "    calls += 1\n"
-        "    return [float('nan') if calls >= 3 else 1.0 for _ in responses]\n")  # eval, step 1, then NaN at step 2
+        "    return [float('nan') if calls >= 4 else 1.0 for _ in responses]\n")  # trial call, eval, step 1, NaN at step 2
     out = tmp_path / "run"
     proc = run_script("ppo_max.py", *FAST, "--steps", "3", "--save-every", "1", "--reward-path", "", "--reward-fn",
                       "nanreward:score", "--critic-init", "policy", "--output-dir", out, check=False, cwd=tmp_path)
