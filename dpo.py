@@ -5,6 +5,7 @@ arXiv 2310.12036) and conservative DPO / label smoothing (cDPO, Mitchell 2023).
     deepspeed dpo.py --model-path SFT_DIR --dataset pairs.jsonl --output-dir runs/dpo
     deepspeed dpo.py ... --loss ipo                 # IPO
     deepspeed dpo.py ... --label-smoothing 0.1      # cDPO
+    deepspeed dpo.py ... --loss simpo --beta 2 --simpo-gamma 1      # reference-free (also orpo): no reference model
     deepspeed --num_gpus 8 dpo.py ... --zero-stage 3 --ref-on-the-fly
 
 No reward model and no sampling: the policy learns from preference pairs (x, y_w, y_l) directly. With sequence
@@ -13,6 +14,8 @@ log-probs (SUMS over the response tokens, EOS included; prompt and padding exclu
 DPO minimises -log sigmoid(beta h); cDPO -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h); IPO
 (h - 1/(2 beta))^2, where h uses MEAN log-probs per response token (as the IPO paper and TRL do, so that its target
 margin 1/(2 beta) does not grow with the response length). beta (log pi(y|x) - log ref(y|x)) is the implicit reward.
+Also --loss hinge (SLiC), robust (robust DPO), simpo and orpo (reference-free, mean log-probs; the reference's
+log-probs count as 0 in the metrics) and apo-zero: equations in `dpo_loss`, table in README "Variants".
 
 Reference log-probs are computed once before training (default) over exactly the micro-batches training will see
 (the data order is a deterministic function of --seed and the step), then the reference model is deleted;
@@ -22,51 +25,65 @@ the reference's memory during training. On --resume they are computed again for 
 Data: `prompt` + `chosen` + `rejected` columns, or `chosen` + `rejected` as two whole conversations that differ only
 in the last (assistant) message. Metrics: train/loss, train/rewards/{chosen,rejected,accuracy,margin},
 train/logps/{chosen,rejected}; eval/pair_accuracy (implicit reward of chosen > rejected on held-out pairs; ties,
-|h| <= TIE_TOL, as before training when every implicit reward is 0 up to float rounding, count half) and, on a
-built-in task, eval/accuracy (greedy exact match, as train_sft.py reports it).
+|h| <= TIE_TOL, as before training when every implicit reward is 0 up to float rounding, count half) and
+eval/task_score (the mean task score of greedy responses to the held-out prompts: --eval-reward-fn, or the built-in
+task's checker). Pair accuracy can rank runs the wrong way on a task: choose by eval/task_score.
 """
+import functools
 import gc
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from shared import data, dist, engine, rollout, tasks
-from shared.args import DataArgs, RunArgs
+from shared import data, dist, engine, lora, rewards, rollout, tracking
+from shared.args import DataArgs, LoraArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs):
+class Args(RunArgs, DataArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (usually the SFT model); also the frozen reference unless --ref-model-path"""
     ref_model_path: str = ""
     """the frozen reference model (default: --model-path)"""
     loss: str = "sigmoid"
-    """sigmoid: DPO, -log sigmoid(beta h) (cDPO with --label-smoothing); ipo: (h - 1/(2 beta))^2 on mean log-probs"""
-    beta: float = 0.25
+    """sigmoid: DPO, -log sigmoid(beta h) (cDPO with --label-smoothing); ipo: (h - 1/(2 beta))^2 on mean log-probs;
+    hinge (SLiC); robust (robust DPO, flip rate --label-smoothing); simpo, orpo (reference-free); apo-zero"""
+    beta: float = 0.1
     """strength of the implicit KL constraint to the reference (the temperature of the implicit reward). The papers
     use 0.1; 0.25 is calibrated on the tiny default run (with 0.1 it hovered at 0.84-0.91 pair accuracy there)"""
     label_smoothing: float = 0.0
-    """cDPO: assumed fraction eps of flipped labels, loss -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)"""
+    """cDPO: assumed fraction eps of flipped labels, loss -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    (with --loss robust: the flip rate of robust DPO)"""
     ref_on_the_fly: bool = False
     """keep the reference model and run it in every step, instead of precomputing its log-probs before training"""
     steps: int = 250
     """optimizer steps"""
     batch_size: int = 64
     """global batch size in pairs"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 8
     """pairs per forward pass per rank (chosen and rejected go through one concatenated forward)"""
-    lr: float = 2e-4
-    """peak learning rate (AdamW)"""
+    lr: float = 1e-6
+    """peak learning rate (AdamW; TRL 1e-6, OpenRLHF 5e-7)"""
     warmup_steps: int = 10
     """linear learning-rate warmup steps"""
     lr_decay: bool = True
     """decay the learning rate linearly to 0 at the last step"""
     eval_every: int = 0
     """evaluate every N steps (0: only before and after training)"""
-    max_new_tokens: int = 8
-    """generation length for the greedy exact-match eval on a built-in task"""
+    max_new_tokens: int = 256
+    """response length limit of the greedy task-score eval"""
+    # --- the DPO family (README "Variants"); --loss also takes hinge, robust, simpo, orpo, apo-zero ---
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (--loss simpo; the paper: beta 2-2.5, gamma / beta ~0.5)"""
+    orpo_lambda: float = 0.1
+    """ORPO's weight lambda of the odds-ratio term beside the chosen response's NLL (--loss orpo; TRL calls it beta)"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=2e-4, beta=0.25, micro_batch_size=64, max_new_tokens=8)
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -83,17 +100,45 @@ def sequence_logps(logits: torch.Tensor, responses: torch.Tensor, response_mask:
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 
+LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "apo-zero")
+AVERAGED = ("ipo", "simpo", "orpo")  # losses on MEAN per-token log-probs (their papers); the others on sums
+REFERENCE_FREE = ("simpo", "orpo")  # no reference model is loaded: its log-probs count as 0
+
+
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-pair losses (B,) from sequence log-probs (B,) of the policy and the reference.
+             label_smoothing: float = 0.0, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1) -> torch.Tensor:
+    """Per-pair losses (B,) from sequence log-probs (B,) of the policy and the reference (means per token for
+    AVERAGED losses; 0 for REFERENCE_FREE ones).
     h = (chosen - ref_chosen) - (rejected - ref_rejected)
-    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO when eps = 0, cDPO otherwise)
-    ipo:     (h - 1 / (2 beta))^2"""
+    sigmoid:  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO when eps = 0, cDPO otherwise)
+    ipo:      (h - 1 / (2 beta))^2                                         (Azar et al. 2023, arXiv 2310.12036)
+    hinge:    max(0, 1 - beta h)                                           (SLiC, Zhao et al. 2023, arXiv 2305.10425)
+    robust:   (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
+              (robust DPO, Chowdhury et al. 2024, arXiv 2403.00409; eps = label_smoothing, the label-flip rate)
+    simpo:    -log sigmoid(beta (chosen - rejected) - gamma), mean log-probs, no reference
+              (Meng et al. 2024, arXiv 2405.14734)
+    orpo:     -chosen + lambda (-log sigmoid(log odds(y_w) - log odds(y_l))), odds = P / (1 - P), P = exp(mean
+              log-prob), no reference: the chosen response's mean NLL plus the odds-ratio term
+              (Hong et al. 2024, arXiv 2403.07691)
+    apo-zero: (1 - sigmoid(beta r_w)) + sigmoid(beta r_l), r = logpi - logref: push the chosen up and the rejected
+              down, each on its own (D'Oosterlinck et al. 2024, arXiv 2408.06266)"""
     h = (chosen - ref_chosen) - (rejected - ref_rejected)
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * h)
+    if loss_type == "robust":
+        eps = label_smoothing
+        return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    if loss_type == "simpo":
+        return -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma)
+    if loss_type == "orpo":
+        log_odds = (chosen - torch.log1p(-torch.exp(chosen))) - (rejected - torch.log1p(-torch.exp(rejected)))
+        return -chosen - orpo_lambda * F.logsigmoid(log_odds)
+    if loss_type == "apo-zero":
+        return (1 - torch.sigmoid(beta * (chosen - ref_chosen))) + torch.sigmoid(beta * (rejected - ref_rejected))
     raise ValueError(loss_type)
 
 
@@ -131,68 +176,71 @@ def all_pair_logps(model, pairs: list[dict], pad_id: int, args, ctx) -> torch.Te
     Every rank makes the same number of forward calls (ZeRO-3 forwards are collective)."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for idx in data.rank_micro_batches(list(range(len(pairs))), args.micro_batch_size, ctx):
-        chosen, rejected = pair_logps(model, [pairs[i] for i in idx or [0]], pad_id, ctx.device, args.loss == "ipo")
+        chosen, rejected = pair_logps(model, [pairs[i] for i in idx or [0]], pad_id, ctx.device,
+                                      args.loss in AVERAGED)
         if idx:
             out[idx] = torch.stack([chosen, rejected], 1).double().cpu()
     return dist.all_reduce(out.to(ctx.device)).cpu()
 
 
 @torch.no_grad()
-def evaluate(policy, evals, eval_ref, eval_prompts, task, tok, args, ctx) -> dict:
-    """Held-out DPO loss, implicit-reward pair accuracy and margin; greedy exact match on a built-in task."""
+def evaluate(policy, evals, eval_ref, eval_prompts, scorers, tok, args, ctx):
+    """(metrics, samples): held-out DPO loss, implicit-reward pair accuracy and margin; the task score of greedy
+    responses to the held-out prompts."""
     metrics = {}
     if evals:
         policy.eval()
         logps = all_pair_logps(policy, evals, tok.pad_token_id, args, ctx)  # (N, 2): chosen, rejected
-        rewards = args.beta * (logps - eval_ref)
+        implicit = args.beta * (logps - eval_ref)
         losses = dpo_loss(logps[:, 0], logps[:, 1], eval_ref[:, 0], eval_ref[:, 1], args.beta, args.loss,
-                          args.label_smoothing)
-        margin = rewards[:, 0] - rewards[:, 1]
+                          args.label_smoothing, args.simpo_gamma, args.orpo_lambda)
+        margin = implicit[:, 0] - implicit[:, 1]
         h = (logps[:, 0] - eval_ref[:, 0]) - (logps[:, 1] - eval_ref[:, 1])
         metrics = {"eval/pair_accuracy": pair_accuracy(h), "eval/loss": losses.mean().item(),
                    "eval/rewards/margin": margin.mean().item(),
                    "eval/logps/chosen": logps[:, 0].mean().item(), "eval/logps/rejected": logps[:, 1].mean().item()}
         policy.train()
-    if task:
-        metrics["eval/accuracy"], metrics["eval/samples"] = rollout.greedy_eval(
-            policy, tok, eval_prompts, task.reward, ctx, args.max_new_tokens)
-    return metrics
+    scores, samples = rollout.greedy_eval(policy, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
+    return {**metrics, **scores}, samples
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def check_args(args: Args):
-    if args.loss not in ("sigmoid", "ipo"):
-        raise dist.UserError(f"--loss must be sigmoid or ipo, got '{args.loss}'")
+    if args.loss not in LOSSES:
+        raise dist.UserError(f"--loss must be one of {', '.join(LOSSES)}; got '{args.loss}'")
     if args.beta <= 0:
         raise dist.UserError(f"--beta must be > 0, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
         raise dist.UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if args.label_smoothing and args.loss != "sigmoid":
-        raise dist.UserError("--label-smoothing (cDPO) applies to --loss sigmoid only")
+    if args.label_smoothing and args.loss not in ("sigmoid", "robust"):
+        raise dist.UserError("--label-smoothing (cDPO, or robust DPO's flip rate) applies to --loss sigmoid or robust "
+                             "only")
+    if args.loss in REFERENCE_FREE and (args.ref_model_path or args.ref_on_the_fly):
+        raise dist.UserError(f"--loss {args.loss} is reference-free: drop --ref-model-path and --ref-on-the-fly")
 
 
 def main(args: Args):
     ctx = dist.init(args.seed)
     # 1. check flags and data before anything is written
     check_args(args)
-    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
-    say = print if ctx.main else (lambda *a: None)
+    grad_accum = data.check_batch_sizes(args.batch_size, args, ctx.world)
     tok = engine.load_tokenizer(args.model_path, args)
-    pad_id, average = tok.pad_token_id, args.loss == "ipo"
+    pad_id, average = tok.pad_token_id, args.loss in AVERAGED
     train_rows, eval_rows = data.train_eval_rows(args, "pair")
-    train = data.tokenize(train_rows, tok, "pair", args, "train", say)
-    evals = data.tokenize(eval_rows, tok, "pair", args, "eval", say) if eval_rows else []
-    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
-    eval_prompts = (data.tokenize(task.rows("prompt", "test")[: args.eval_size], tok, "prompt", args, "eval")
-                    if task else [])  # greedy exact-match eval
+    train = data.tokenize(train_rows, tok, "pair", args, "train", dist.say)
+    evals = data.tokenize(eval_rows, tok, "pair", args, "eval", dist.say) if eval_rows else []
+    eval_prompts = data.eval_prompts(args, eval_rows, tok, dist.say)
+    scorers = rewards.eval_scorers(args, eval_prompts)  # eval/task_score
 
     # 2. models: policy (trained), reference (frozen); output directory; resume
-    policy = engine.load_model(args.model_path, args, ctx, seed=args.seed)
+    policy = engine.load_model(args.model_path, args, ctx, seed=args.seed, lora="train")
     ref_path, ref_flag = ((args.ref_model_path, "--ref-model-path") if args.ref_model_path
                           else (args.model_path, "--model-path"))
-    ref = engine.wrap_frozen(engine.load_model(ref_path, args, ctx, flag=ref_flag, seed=args.seed), args, ctx)
+    needs_ref = args.loss not in REFERENCE_FREE  # SimPO and ORPO load no reference model
+    ref = None if not needs_ref else lora.reference(policy, args, explicit=args.ref_model_path) or engine.wrap_frozen(engine.load_model(
+        ref_path, args, ctx, flag=ref_flag, seed=args.seed, lora="" if args.ref_model_path else "start"), args, ctx)
     out = engine.prepare_output_dir(args, ctx, "dpo")
     policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "dpo")
@@ -207,20 +255,21 @@ def main(args: Args):
         return data.micro_batches(sampler.rank_batch(s, args.batch_size, ctx), args.micro_batch_size)
 
     # 3. reference log-probs: held-out pairs once; train pairs of every remaining step unless --ref-on-the-fly
-    eval_ref = all_pair_logps(ref, evals, pad_id, args, ctx)  # (N_eval, 2)
+    eval_ref = all_pair_logps(ref, evals, pad_id, args, ctx) if needs_ref else \
+        torch.zeros(len(evals), 2, dtype=torch.float64)  # (N_eval, 2)
     ref_table = {}  # (step, micro-batch) -> (2, micro_batch_size): reference log-probs of chosen, rejected
-    if not args.ref_on_the_fly:
+    if not args.ref_on_the_fly and needs_ref:
         last = args.stop_after if 0 < args.stop_after < args.steps else args.steps
         with torch.no_grad():
-            for s in range(step, last):
+            for s in tracking.progress(range(step, last), "reference log-probs", ctx):
                 for k, mb in enumerate(step_micro_batches(s)):
                     ref_table[s, k] = torch.stack(pair_logps(ref, [train[i] for i in mb], pad_id, ctx.device, average))
         del ref
         ref = None
         gc.collect()
+    evaluation = functools.partial(evaluate, policy, evals, eval_ref, eval_prompts, scorers, tok, args, ctx)
     if before is None:
-        before = evaluate(policy, evals, eval_ref, eval_prompts, task, tok, args, ctx)
-        tracker.print(f"[dpo] before: {before}")
+        before = tracker.evaluation("before", *evaluation())
 
     # 4. train
     while step < args.steps:
@@ -232,9 +281,10 @@ def main(args: Args):
                 with torch.no_grad():
                     ref_chosen, ref_rejected = pair_logps(ref, pairs, pad_id, ctx.device, average)
             else:
-                ref_chosen, ref_rejected = ref_table.pop((step, k))
+                ref_chosen, ref_rejected = ref_table.pop((step, k)) if needs_ref else \
+                    torch.zeros(2, len(pairs), device=ctx.device)
             loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss,
-                            args.label_smoothing).mean()
+                            args.label_smoothing, args.simpo_gamma, args.orpo_lambda).mean()
             if not torch.isfinite(loss):
                 raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
             policy.backward(loss)
@@ -254,20 +304,20 @@ def main(args: Args):
         metrics.update({"train/lr": policy.get_lr()[0],
                         "train/pairs_per_s": args.batch_size / max(1e-9, tracker.step_time())})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics.update({k: v for k, v in evaluate(policy, evals, eval_ref, eval_prompts, task, tok, args,
-                                                      ctx).items() if k != "eval/samples"})
+            metrics.update(tracker.evaluation(f"step {step}", *evaluation()))
         tracker.log(step, metrics, show=("train/loss", "train/rewards/accuracy", "train/rewards/margin",
-                                         "eval/pair_accuracy", "eval/accuracy"))
+                                         "eval/pair_accuracy", "eval/task_score"))
         if engine.periodic_save(args, out, step, {"policy": policy}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 5. final eval and export
-    after = evaluate(policy, evals, eval_ref, eval_prompts, task, tok, args, ctx)
+    after = tracker.evaluation("after", *evaluation())
     engine.export_hf(policy, tok, out, ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world, "loss": args.loss,
-                     "model_path": args.model_path, "dataset": args.dataset, "train_pairs": len(train)})
-    tracker.print(f"[dpo] after: {after}\n[dpo] saved to {out}")
+                     "model_path": args.model_path, "dataset": args.dataset, "train_pairs": len(train),
+                     "sources": rewards.sources(scorers)})
+    tracker.print(f"[dpo] saved to {out}")
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

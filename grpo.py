@@ -6,23 +6,29 @@ Dr. GRPO's constant normaliser without std division (Liu et al. 2025, arXiv 2503
     deepspeed grpo.py --model-path SFT_DIR --dataset prompts.jsonl --reward-fn my_rewards:score
     deepspeed grpo.py ... --loss-agg token-mean --eps-high 0.28 --dynamic-sampling --beta 0     # DAPO
     deepspeed grpo.py ... --loss-agg dr-grpo --no-std-normalize                                 # Dr. GRPO
+    deepspeed grpo.py ... --loss-type gspo --beta 0                                              # GSPO
+    deepspeed grpo.py ... --loss-type cispo --loss-agg token-mean --beta 0                       # CISPO
 
 For each prompt, n responses are sampled and scored; a response's advantage is its score standardised within its
 group, A_i = (s_i - mean(s)) / (std(s) + eps), the same for all of its tokens. The loss is the PPO-clipped surrogate
 plus beta * KL(policy || reference) with the k3 estimator (with --beta 0 no reference model is loaded).
+The other policy losses (GSPO, CISPO, SAPO), dual-clip and two-sided clipping, DAPO's overlong shaping and filtering,
+an entropy bonus, top-entropy tokens, batch-level advantage scale, GDPO and the KL choices are flags, off by default:
+their equations are in the functions below, the table in README "Variants".
 """
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from shared import data, dist, engine, rewards, rollout, tasks
-from shared.args import DataArgs, RewardArgs, RolloutArgs, RunArgs
+from shared import data, dist, engine, lora, rewards, rollout
+from shared.args import DataArgs, LoraArgs, RewardArgs, RolloutArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
+class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (also the frozen reference)"""
     steps: int = 60
@@ -35,10 +41,10 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     """sampling temperature (the trainer's log-probs use the same temperature)"""
     top_p: float = 1.0
     """nucleus sampling"""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 256
     """response length limit"""
-    lr: float = 1e-4
-    """policy learning rate"""
+    lr: float = 1e-6
+    """policy learning rate (TRL's GRPO default)"""
     beta: float = 0.04
     """KL coefficient (k3 estimator, as a loss term); 0 loads no reference model"""
     eps_low: float = 0.2
@@ -59,10 +65,59 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     """passes over each rollout batch"""
     num_minibatches: int = 1
     """optimizer steps per epoch"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 8
     """sequences per forward/backward pass per rank"""
     eval_every: int = 10
     """evaluate on held-out prompts every N steps"""
+    # --- variants researchers compare (all off by default; README "Variants") ---
+    loss_type: str = "grpo"
+    """grpo: PPO-clipped token ratio (paper); gspo: one ratio per sequence, exp(mean_t log-ratio), clipped with
+    --gspo-eps-low/high (arXiv 2507.18071); cispo: -sg(min(r, --cispo-eps-max)) A logp, every token keeps a gradient
+    (MiniMax-M1, arXiv 2506.13585; use --loss-agg token-mean as the paper); sapo: soft gate
+    -A sigmoid(tau (r - 1)) 4 / tau instead of the clip (arXiv 2511.20347)"""
+    gspo_eps_low: float = 3e-4
+    """GSPO's clip range below 1 of the sequence ratio (the paper's 3e-4)"""
+    gspo_eps_high: float = 4e-4
+    """GSPO's clip range above 1 of the sequence ratio (the paper's 4e-4)"""
+    cispo_eps_max: float = 5.0
+    """CISPO's cap on the detached IS weight (no lower bound, as MiniMax-M1; TRL passes it as epsilon_high)"""
+    sapo_tau_pos: float = 1.0
+    """SAPO gate temperature for tokens with A > 0"""
+    sapo_tau_neg: float = 1.05
+    """SAPO gate temperature for tokens with A <= 0"""
+    dual_clip: float = 0.0
+    """dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): for A < 0 the loss is at most -c A, c > 1 (e.g. 3); 0: off"""
+    delta: float = 0.0
+    """two-sided clipping (INTELLECT-2, arXiv 2505.07291): the unclipped term uses min(r, delta), delta > 1 + eps
+    (e.g. 4); 0: off"""
+    entropy_coef: float = 0.0
+    """entropy bonus: loss -= coef x entropy, aggregated as the policy loss (--loss-agg)"""
+    top_entropy_quantile: float = 1.0
+    """keep in the policy loss only tokens whose entropy is in this top fraction of the micro-batch's valid tokens
+    (arXiv 2506.01939: 0.2); 1.0: all tokens"""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: the last L_cache tokens before --max-new-tokens cost up to
+    --overlong-penalty, linearly (arXiv 2503.14476); 0: off"""
+    overlong_penalty: float = 1.0
+    """the score added at the length limit with --overlong-buffer is -this (DAPO: 1.0)"""
+    mask_truncated: bool = False
+    """DAPO overlong filtering: responses cut at --max-new-tokens (no EOS) are masked out of the loss"""
+    scale_rewards: str = "group"
+    """divide the group-centred scores by: group, each group's std (paper); batch, the std of the whole batch, all
+    ranks (PPO Lite, arXiv 2508.08221); none (Dr. GRPO; the same as --no-std-normalize)"""
+    multi_reward: str = "sum"
+    """with several reward sources: sum, the weighted sum is normalised as one score (GRPO); gdpo, each source is
+    normalised within its group, then weighted and summed, then normalised over the batch (arXiv 2601.05242)"""
+    kl_estimator: str = "k3"
+    """KL(policy || reference) per token, d = logp - ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (paper: k3)"""
+    kl_in: str = "loss"
+    """loss: beta x KL aggregated as the policy loss (paper); reward: s_i - beta x sum_t KL_t (old log-probs, detached)
+    before the group advantages (as OpenRLHF without --use_kl_loss)"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=1e-4, max_new_tokens=8, micro_batch_size=64)
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -86,10 +141,108 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low: float, eps_high: float):
-    """Per-token PPO loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = exp(logp - old); (N, R)."""
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low: float, eps_high: float, dual_clip: float = 0.0,
+                      delta: float = 0.0):
+    """Per-token PPO loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = exp(logp - old); (N, R).
+    delta > 0, two-sided clipping (INTELLECT-2, arXiv 2505.07291): -min(min(rho, delta) A, clip(rho) A).
+    dual_clip c > 0 (Ye et al. 2020, arXiv 1912.09729): for A < 0, -max(min(rho A, clip(rho) A), c A), i.e. the loss
+    is at most -c A however large rho grows (with c = delta the two give the same loss)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    return -torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+    unclipped = ratio.clamp(max=delta) if delta > 0 else ratio
+    loss = -torch.min(unclipped * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+    if dual_clip > 0:
+        loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
+    return loss
+
+
+def gspo_surrogate(logprobs, old_logprobs, advantages, mask, eps_low: float, eps_high: float, dual_clip: float = 0.0,
+                   delta: float = 0.0):
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): one ratio per sequence from the length-normalised log-ratio,
+    s_i = exp(sum_t m_t (logp_t - old_t) / |y_i|), loss_i = -min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i),
+    repeated on each of the sequence's tokens (N, R): --loss-agg seq-mean gives the paper's mean over sequences.
+    advantages (N, 1)."""
+    mask = mask.float()
+    seq_log_ratio = ((logprobs - old_logprobs) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    loss = clipped_surrogate(seq_log_ratio, torch.zeros_like(seq_log_ratio), advantages, eps_low, eps_high,
+                             dual_clip, delta)
+    return loss.expand_as(logprobs)
+
+
+def cispo_surrogate(logprobs, old_logprobs, advantages, eps_max: float):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): -sg(min(r_t, eps_max)) A logp_t, r_t = exp(logp_t - old_t); the IS weight
+    is clipped and detached instead of the update, so every token keeps its gradient A r_t grad logp_t (N, R)."""
+    weight = torch.exp(logprobs - old_logprobs).clamp(max=eps_max).detach()
+    return -weight * advantages * logprobs
+
+
+def sapo_surrogate(logprobs, old_logprobs, advantages, tau_pos: float, tau_neg: float):
+    """SAPO (arXiv 2511.20347): a soft gate instead of the clip, -A sigmoid(tau (r_t - 1)) 4 / tau with tau = tau_pos
+    where A > 0 and tau_neg otherwise; at r = 1 its gradient is the unclipped surrogate's, -A grad r (N, R)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    tau = torch.where(advantages > 0, torch.full_like(advantages, tau_pos), torch.full_like(advantages, tau_neg))
+    return -advantages * torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+
+
+def surrogate(args, logprobs, old_logprobs, advantages, mask):
+    """The per-token policy loss (N, R) of --loss-type; advantages (N, 1)."""
+    if args.loss_type == "gspo":
+        return gspo_surrogate(logprobs, old_logprobs, advantages, mask, args.gspo_eps_low, args.gspo_eps_high,
+                              args.dual_clip, args.delta)
+    if args.loss_type == "cispo":
+        return cispo_surrogate(logprobs, old_logprobs, advantages, args.cispo_eps_max)
+    if args.loss_type == "sapo":
+        return sapo_surrogate(logprobs, old_logprobs, advantages, args.sapo_tau_pos, args.sapo_tau_neg)
+    return clipped_surrogate(logprobs, old_logprobs, advantages, args.eps_low, args.eps_high, args.dual_clip,
+                             args.delta)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str):
+    """Per-token KL(pi || ref) estimate (Schulman 2020), d = logp - ref: k1 = d (unbiased, can be negative),
+    k2 = d^2 / 2, k3 = exp(-d) - 1 + d (k3_kl). As a loss term, k2's gradient is the KL's on-policy gradient; k1's
+    gradient is grad logp (0 in expectation), so k1 belongs in the reward."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    return k3_kl(logprobs, ref_logprobs)
+
+
+def overlong_reward(lengths, max_len: int, buffer: int, penalty: float = 1.0):
+    """DAPO soft overlong punishment (arXiv 2503.14476), added to the score: 0 if |y| <= L_max - L_cache;
+    penalty x ((L_max - L_cache) - |y|) / L_cache within the last L_cache tokens; -penalty beyond L_max."""
+    start = max_len - buffer
+    shaped = ((start - lengths.float()) / buffer).clamp(min=-1, max=0)
+    return penalty * shaped
+
+
+def batch_scaled_advantages(scores, n: int, eps: float = 1e-4):
+    """PPO Lite's batch-level scale (arXiv 2508.08221): A_i = (s_i - mean_group(s)) / (std_batch(s) + eps), the
+    unbiased std of every score of the GLOBAL batch (sums all-reduced across ranks)."""
+    groups = scores.view(-1, n)
+    s = dist.all_reduce(torch.tensor([scores.numel(), scores.sum().item(), (scores.double() ** 2).sum().item()],
+                                     dtype=torch.float64))  # count, sum, sum of squares
+    std = max((s[2] - s[1] ** 2 / s[0]).item() / max(s[0].item() - 1, 1), 0.0) ** 0.5
+    return ((groups - groups.mean(1, keepdim=True)) / (std + eps)).view(-1)
+
+
+def gdpo_advantages(parts: dict, weights, n: int, eps: float = 1e-4):
+    """GDPO (arXiv 2601.05242): with several rewards r_k, A_k = (r_k - mean_group(r_k)) / (std_group(r_k) + eps) per
+    source, then A = sum_k w_k A_k, then normalised over the GLOBAL batch, (A - mean) / (std + eps)."""
+    total = sum(w * group_advantages(p, n, eps=eps) for w, p in zip(weights, parts.values()))
+    s = dist.all_reduce(torch.tensor([total.numel(), total.sum().item(), (total.double() ** 2).sum().item()],
+                                     dtype=torch.float64))  # count, sum, sum of squares
+    mean = (s[1] / s[0]).item()
+    std = max((s[2] - s[1] ** 2 / s[0]).item() / max(s[0].item() - 1, 1), 0.0) ** 0.5
+    return (total - mean) / (std + eps)
+
+
+def top_entropy_mask(entropy, mask, rho: float):
+    """The valid tokens whose entropy is in the top rho fraction of the valid tokens given (>= their (1 - rho)
+    quantile) (arXiv 2506.01939: the ~20% high-entropy "forking" tokens); every valid token when rho >= 1."""
+    if rho >= 1:
+        return mask
+    threshold = torch.quantile(entropy[mask.bool()].float(), 1 - rho)
+    return mask * (entropy >= threshold)
 
 
 def aggregate(per_token, mask, mode: str, max_new_tokens: int, n_seqs: float, n_tokens: float):
@@ -117,17 +270,43 @@ def tis_weights(old_logprobs, sampler_logprobs, cap: float):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+def check_variants(args: Args):
+    """The variant flags (README "Variants"): known values and combinations that mean something."""
+    choices = {"loss_type": ("grpo", "gspo", "cispo", "sapo"), "scale_rewards": ("group", "batch", "none"),
+               "multi_reward": ("sum", "gdpo"), "kl_estimator": ("k1", "k2", "k3"), "kl_in": ("loss", "reward")}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise dist.UserError(f"--{name.replace('_', '-')} must be {', '.join(allowed)}; got {getattr(args, name)}")
+    if (args.dual_clip or args.delta) and args.loss_type in ("cispo", "sapo"):
+        raise dist.UserError(f"--dual-clip and --delta bound a clipped ratio: use them with --loss-type grpo or gspo, "
+                             f"not {args.loss_type}")
+    if args.dual_clip and args.dual_clip <= 1:
+        raise dist.UserError(f"--dual-clip must be > 1 (e.g. 3), or 0 for off; got {args.dual_clip}")
+    if args.delta and args.delta <= 1 + args.eps_high:
+        raise dist.UserError(f"--delta must be > 1 + --eps-high (e.g. 4), or 0 for off; got {args.delta}")
+    if not 0 < args.top_entropy_quantile <= 1:
+        raise dist.UserError(f"--top-entropy-quantile must be in (0, 1] (1: all tokens); got {args.top_entropy_quantile}")
+    if not 0 <= args.overlong_buffer < args.max_new_tokens:
+        raise dist.UserError(f"--overlong-buffer must be in [0, --max-new-tokens {args.max_new_tokens}); got "
+                             f"{args.overlong_buffer}")
+    if args.scale_rewards != "group" and (not args.std_normalize or args.multi_reward == "gdpo"):
+        raise dist.UserError(f"--scale-rewards {args.scale_rewards} conflicts with "
+                             f"{'--no-std-normalize' if not args.std_normalize else '--multi-reward gdpo'} (which "
+                             f"sets its own scale); give one of them")
+
+
 def check_args(args: Args, world: int):
     if args.loss_agg not in ("seq-mean", "token-mean", "dr-grpo"):
         raise dist.UserError(f"--loss-agg must be seq-mean, token-mean or dr-grpo, got {args.loss_agg}")
     if args.n_samples < 2:
         raise dist.UserError("--n-samples must be >= 2: GRPO normalises within groups of samples")
+    check_variants(args)
     rollout_per_rank = args.prompts_per_step * args.n_samples // world
     if args.prompts_per_step % world:
         raise dist.UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} ranks")
     if rollout_per_rank % args.num_minibatches:
         raise dist.UserError("--num-minibatches must divide the samples per rank (prompts-per-step x n-samples / ranks)")
-    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args.micro_batch_size, 1,
+    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args, 1,
                                   "samples per minibatch per rank")
 
 
@@ -136,18 +315,19 @@ def main(args: Args):
     # 1. check flags, data and rewards before anything is written
     grad_accum = check_args(args, ctx.world)
     rollout.check_args(args, ctx)
-    say = print if ctx.main else (lambda *a: None)
     tok = engine.load_tokenizer(args.model_path, args)
     train_rows, eval_rows = data.train_eval_rows(args, "prompt")
-    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", say)
-    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", say) if eval_rows else []
+    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", dist.say)
+    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", dist.say) if eval_rows else []
     reward_fn = rewards.build(args, ctx, probe=prompts[0])  # one trial call, before anything is written
-    eval_fn = tasks.get(args.dataset).reward if args.dataset in tasks.TASKS else (
-        lambda prompts, responses, **x: reward_fn(prompts, responses, [True] * len(responses), x)[0])
+    scorers = rewards.eval_scorers(args, eval_prompts, reward_fn, rule_rewards=True)  # eval/task_score, eval/reward
 
-    # 2. models: policy (trained), reference (frozen; only with beta > 0)
-    policy = engine.load_model(args.model_path, args, ctx)
-    ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), args, ctx) if args.beta > 0 else None
+    # 2. models: policy (trained), reference (frozen; only with beta > 0): with LoRA the policy, adapters off
+    policy = engine.load_model(args.model_path, args, ctx, lora="train")
+    ref = None
+    if args.beta > 0:
+        ref = lora.reference(policy, args) or engine.wrap_frozen(
+            engine.load_model(args.model_path, args, ctx, lora="start"), args, ctx)
     out = engine.prepare_output_dir(args, ctx, "grpo")
     total_updates = args.steps * args.ppo_epochs * args.num_minibatches
     policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, total_updates)
@@ -158,10 +338,9 @@ def main(args: Args):
         state = engine.load_checkpoint(out, {"policy": policy}, ctx)
         step, draws, before = state["step"], state["draws"], state["before"]
     generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf or vllm; synced after updates
+    evaluate = functools.partial(rollout.greedy_eval, generator, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
     if before is None:
-        before = {"eval/accuracy": rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
-                                                       args.max_new_tokens)[0]}
-        tracker.print(f"[grpo] before: {before}")
+        before = tracker.evaluation("before", *evaluate())
     prompts_per_rank = args.prompts_per_step // ctx.world
 
     while step < args.steps:
@@ -199,18 +378,34 @@ def main(args: Args):
 
         # 4. advantages within each group; reference log-probs for the KL term
         t = time.time()
-        advantages = group_advantages(scores, args.n_samples, args.std_normalize).to(ctx.device)
         with torch.no_grad():  # one forward per micro-batch: a whole rollout's logits (N x T x vocab) would not fit
             chunks = data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)
             ref_logprobs = torch.cat([rollout.response_logprobs(ref, ro.input_ids[mb], ro.attention_mask[mb],
                                                                 ro.prompt_len, args.temperature) for mb in chunks]) \
                 if ref is not None else None
-            reuse_old = args.ppo_epochs == 1 and args.num_minibatches == 1  # old == current policy: skip a forward
+            reuse_old = args.ppo_epochs == 1 and args.num_minibatches == 1 and args.kl_in == "loss"  # old == current
             if not reuse_old:  # the sampler's log-probs when exact (HF backend in fp32), else a recomputation
                 old_logprobs = ro.logprobs if generator.exact_logprobs else torch.cat([rollout.response_logprobs(
                     policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, args.temperature)
                     for mb in chunks])
         timing["forward"] = time.time() - t
+        shaping = {}  # score terms added to the reward sources (each its own source for --multi-reward gdpo)
+        if args.overlong_buffer:
+            shaping["overlong"] = overlong_reward(ro.response_mask.sum(1).cpu(), args.max_new_tokens,
+                                                  args.overlong_buffer, args.overlong_penalty)
+        if ref is not None and args.kl_in == "reward":
+            kl_seq = (kl_penalty(old_logprobs, ref_logprobs, args.kl_estimator) * ro.response_mask).sum(1)
+            shaping["kl"] = -args.beta * kl_seq.cpu()
+        shaped = scores + sum(shaping.values()) if shaping else scores
+        if args.multi_reward == "gdpo":
+            weights = list(reward_fn.weights or [1.0] * len(parts)) + [1.0] * len(shaping)
+            advantages = gdpo_advantages({**parts, **shaping}, weights, args.n_samples)
+        elif args.scale_rewards == "batch":
+            advantages = batch_scaled_advantages(shaped, args.n_samples)
+        else:
+            advantages = group_advantages(shaped, args.n_samples, args.std_normalize and args.scale_rewards == "group")
+        advantages = advantages.to(ctx.device)
+        loss_mask = ro.response_mask & ro.eos[:, None] if args.mask_truncated else ro.response_mask  # DAPO filtering
 
         # 5. clipped-surrogate + k3 KL updates over minibatches
         t = time.time()
@@ -220,22 +415,32 @@ def main(args: Args):
             order = torch.randperm(n_total)
             for minibatch in order.chunk(args.num_minibatches):
                 first = gap.count == 0  # before this step's first update: the sampler's error alone
-                mb_tokens = dist.all_reduce(ro.response_mask[minibatch].sum().float()).item()
-                mb_seqs = len(minibatch) * ctx.world
+                mb_tokens = max(1.0, dist.all_reduce(loss_mask[minibatch].sum().float()).item())
+                mb_seqs = len(minibatch) * ctx.world if not args.mask_truncated else max(
+                    1.0, dist.all_reduce(loss_mask[minibatch].any(1).sum().float()).item())
                 for idx in data.micro_batches(minibatch, args.micro_batch_size):
                     mask = ro.response_mask[idx]
-                    logprobs, entropy = rollout.response_logprobs(
-                        policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
+                    lmask = loss_mask[idx]
+                    logprobs, entropy = rollout.response_logprobs(  # entropy with a gradient for the bonus only
+                        policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature,
+                        "grad" if args.entropy_coef else True)
                     old = logprobs.detach() if reuse_old else old_logprobs[idx]
                     if first:
                         gap.add(logprobs, ro.logprobs[idx], mask)
-                    per_token = clipped_surrogate(logprobs, old, advantages[idx, None], args.eps_low, args.eps_high)
+                    per_token = surrogate(args, logprobs, old, advantages[idx, None], mask)
                     per_token = per_token * tis_weights(old, ro.logprobs[idx], args.tis_cap)
-                    pg_loss = aggregate(per_token, mask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)
-                    kl = k3_kl(logprobs, ref_logprobs[idx]) if ref is not None else torch.zeros_like(logprobs)
-                    kl_loss = aggregate(kl, mask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)
+                    if args.top_entropy_quantile < 1:  # the normaliser still counts every token (as TRL)
+                        per_token = per_token * top_entropy_mask(entropy.detach(), lmask, args.top_entropy_quantile)
+                    pg_loss = aggregate(per_token, lmask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)
+                    kl = kl_penalty(logprobs, ref_logprobs[idx], args.kl_estimator) if ref is not None \
+                        else torch.zeros_like(logprobs)
+                    kl_loss = aggregate(kl, lmask, args.loss_agg, args.max_new_tokens, mb_seqs, mb_tokens)
+                    loss = pg_loss + args.beta * kl_loss if args.kl_in == "loss" else pg_loss
+                    if args.entropy_coef:
+                        loss = loss - args.entropy_coef * aggregate(entropy, lmask, args.loss_agg, args.max_new_tokens,
+                                                                    mb_seqs, mb_tokens)
                     # DeepSpeed divides by grad_accum and averages over ranks; the shares above already sum to 1
-                    loss = (pg_loss + args.beta * kl_loss) * grad_accum * ctx.world
+                    loss = loss * grad_accum * ctx.world
                     if not torch.isfinite(loss):
                         raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
                     policy.backward(loss)
@@ -271,19 +476,19 @@ def main(args: Args):
             "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
             **{f"time/{k}": v for k, v in timing.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics["eval/accuracy"] = rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
-                                                           args.max_new_tokens)[0]
-        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/accuracy"))
+            metrics.update(tracker.evaluation(f"step {step}", *evaluate()))
+        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/task_score"))
         state = {"step": step, "draws": draws, "before": before}
         if engine.periodic_save(args, out, step, {"policy": policy}, state, tok, ctx):
             return
 
     # 7. final eval and export
-    after = {"eval/accuracy": rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
+    after = tracker.evaluation("after", *evaluate())
     engine.export_hf(policy, tok, out, ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "sources": rewards.sources(scorers, **{"rollout/reward": reward_fn}),
                      "model_path": args.model_path, "dataset": args.dataset})
-    tracker.print(f"[grpo] after: {after}\n[grpo] saved to {out}")
+    tracker.print(f"[grpo] saved to {out}")
 
 
 def merge_groups(groups, n: int, pad_id: int):
@@ -309,4 +514,4 @@ def merge_groups(groups, n: int, pad_id: int):
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

@@ -27,26 +27,27 @@ steps.
 Metrics: train/loss, train/kl (z0), train/rewards/{chosen,rejected,margin} (implicit rewards beta r of desirable and
 undesirable examples), train/logps/{chosen,rejected}; eval/rewards/{chosen,rejected,margin}, eval/pair_accuracy on
 held-out pairs (when the held-out rows are pairs: implicit reward of chosen > rejected; ties, |log-ratio margin| <=
-TIE_TOL as before training, count half) and, on a built-in task, eval/accuracy (greedy exact match, as train_sft.py
-reports it).
+TIE_TOL as before training, count half) and eval/task_score (the mean task score of greedy responses to the held-out
+prompts: --eval-reward-fn, or the built-in task's checker).
 """
+import functools
 import gc
 from dataclasses import dataclass
 
 import torch
 
-from shared import data, dist, engine, rollout, tasks
-from shared.args import DataArgs, RunArgs
+from shared import data, dist, engine, lora, rewards, rollout, tasks, tracking
+from shared.args import DataArgs, LoraArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs):
+class Args(RunArgs, DataArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (usually the SFT model); also the frozen reference unless --ref-model-path"""
     ref_model_path: str = ""
     """the frozen reference model (default: --model-path)"""
-    beta: float = 0.5
+    beta: float = 0.1
     """scale of the implicit reward inside the sigmoid (strength of the pull towards the reference). The paper uses
     0.1; 0.5 is calibrated on the tiny default run (with 0.1 it reached 0.84 pair accuracy in 300 steps there)"""
     desirable_weight: float = 1.0
@@ -59,18 +60,23 @@ class Args(RunArgs, DataArgs):
     """optimizer steps"""
     batch_size: int = 64
     """global batch size in examples"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 8
     """examples per forward pass per rank (>= 2: the KL estimate pairs each prompt with another example's completion)"""
-    lr: float = 2e-4
-    """peak learning rate (AdamW)"""
+    lr: float = 1e-6
+    """peak learning rate (AdamW; TRL 1e-6, the paper 5e-7)"""
     warmup_steps: int = 10
     """linear learning-rate warmup steps"""
     lr_decay: bool = True
     """decay the learning rate linearly to 0 at the last step"""
     eval_every: int = 0
     """evaluate every N steps (0: only before and after training)"""
-    max_new_tokens: int = 8
-    """generation length for the greedy exact-match eval on a built-in task"""
+    max_new_tokens: int = 256
+    """response length limit of the greedy task-score eval"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=2e-4, beta=0.5, micro_batch_size=64, max_new_tokens=8)
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -177,25 +183,23 @@ def all_logps(model, examples: list[dict], pad_id: int, args, ctx) -> torch.Tens
 
 
 @torch.no_grad()
-def evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args, ctx) -> dict:
-    """Held-out implicit rewards of desirable and undesirable examples, pair accuracy when they come from pairs
-    (examples 2i and 2i+1), greedy exact match on a built-in task."""
+def evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, scorers, tok, args, ctx):
+    """(metrics, samples): held-out implicit rewards of desirable and undesirable examples, pair accuracy when they
+    come from pairs (examples 2i and 2i+1), the task score of greedy responses to the held-out prompts."""
     metrics = {}
     if evals:
         policy.eval()
         logps = all_logps(policy, evals, tok.pad_token_id, args, ctx)
-        rewards, good = args.beta * (logps - eval_ref), torch.tensor([e["label"] for e in evals])
-        metrics = {"eval/rewards/chosen": rewards[good].mean().item(),
-                   "eval/rewards/rejected": rewards[~good].mean().item()}
+        implicit, good = args.beta * (logps - eval_ref), torch.tensor([e["label"] for e in evals])
+        metrics = {"eval/rewards/chosen": implicit[good].mean().item(),
+                   "eval/rewards/rejected": implicit[~good].mean().item()}
         metrics["eval/rewards/margin"] = metrics["eval/rewards/chosen"] - metrics["eval/rewards/rejected"]
         if eval_paired:
             log_ratio = logps - eval_ref
             metrics["eval/pair_accuracy"] = pair_accuracy(log_ratio[0::2] - log_ratio[1::2])
         policy.train()
-    if task:
-        metrics["eval/accuracy"], metrics["eval/samples"] = rollout.greedy_eval(
-            policy, tok, eval_prompts, task.reward, ctx, args.max_new_tokens)
-    return metrics
+    scores, samples = rollout.greedy_eval(policy, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
+    return {**metrics, **scores}, samples
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -209,30 +213,29 @@ def main(args: Args):
     if args.micro_batch_size < 2:
         raise dist.UserError("--micro-batch-size must be >= 2: the KL estimate pairs each prompt with the completion "
                              "of another example of the micro-batch")
-    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
-    say = print if ctx.main else (lambda *a: None)
+    grad_accum = data.check_batch_sizes(args.batch_size, args, ctx.world)
     tok = engine.load_tokenizer(args.model_path, args)
     pad_id = tok.pad_token_id
     train_rows, eval_rows = data.train_eval_rows(args, "pair" if args.dataset in tasks.TASKS else "unpaired")
-    train, paired = split_examples(train_rows, tok, args, "train", say)
-    evals, eval_paired = split_examples(eval_rows, tok, args, "eval", say) if eval_rows else ([], False)
-    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
-    eval_prompts = (data.tokenize(task.rows("prompt", "test")[: args.eval_size], tok, "prompt", args, "eval")
-                    if task else [])  # greedy exact-match eval
+    train, paired = split_examples(train_rows, tok, args, "train", dist.say)
+    evals, eval_paired = split_examples(eval_rows, tok, args, "eval", dist.say) if eval_rows else ([], False)
+    eval_prompts = data.eval_prompts(args, eval_rows, tok, dist.say)
+    scorers = rewards.eval_scorers(args, eval_prompts)  # eval/task_score
     n_desirable = sum(e["label"] for e in train)
     ratio, suggestion = class_balance(n_desirable, len(train) - n_desirable, args.desirable_weight,
                                       args.undesirable_weight)
-    say(f"[kto] {n_desirable} desirable, {len(train) - n_desirable} undesirable train examples"
-        f"{' (split from pairs)' if paired else ''}; lambda_D n_D / (lambda_U n_U) = {ratio:.3f}")
+    dist.say(f"[kto] {n_desirable} desirable, {len(train) - n_desirable} undesirable train examples"
+             f"{' (split from pairs)' if paired else ''}; lambda_D n_D / (lambda_U n_U) = {ratio:.3f}")
     if suggestion is not None:
-        say(f"[kto] warning: lambda_D n_D / (lambda_U n_U) = {ratio:.3f} is outside the KTO paper's recommended "
-            f"[1, 4/3]; try --desirable-weight {suggestion:.3g}")
+        dist.say(f"[kto] warning: lambda_D n_D / (lambda_U n_U) = {ratio:.3f} is outside the KTO paper's "
+                 f"recommended [1, 4/3]; try --desirable-weight {suggestion:.3g}")
 
     # 2. models: policy (trained), reference (frozen); output directory; resume
-    policy = engine.load_model(args.model_path, args, ctx, seed=args.seed)
+    policy = engine.load_model(args.model_path, args, ctx, seed=args.seed, lora="train")
     ref_path, ref_flag = ((args.ref_model_path, "--ref-model-path") if args.ref_model_path
                           else (args.model_path, "--model-path"))
-    ref = engine.wrap_frozen(engine.load_model(ref_path, args, ctx, flag=ref_flag, seed=args.seed), args, ctx)
+    ref = lora.reference(policy, args, explicit=args.ref_model_path) or engine.wrap_frozen(engine.load_model(
+        ref_path, args, ctx, flag=ref_flag, seed=args.seed, lora="" if args.ref_model_path else "start"), args, ctx)
     out = engine.prepare_output_dir(args, ctx, "kto")
     policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "kto")
@@ -251,15 +254,16 @@ def main(args: Args):
     ref_table = {}  # (step, micro-batch) -> (2, micro_batch_size): matched and mismatched reference log-probs
     if not args.ref_on_the_fly:
         last = args.stop_after if 0 < args.stop_after < args.steps else args.steps
-        for s in range(step, last):
+        for s in tracking.progress(range(step, last), "reference log-probs", ctx):
             for k, mb in enumerate(step_micro_batches(s)):
                 ref_table[s, k] = ref_logps_of(ref, [train[i] for i in mb], pad_id, args, ctx.device)
         del ref
         ref = None
         gc.collect()
+    evaluation = functools.partial(evaluate, policy, evals, eval_ref, eval_paired, eval_prompts, scorers, tok, args,
+                                   ctx)
     if before is None:
-        before = evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args, ctx)
-        tracker.print(f"[kto] before: {before}")
+        before = tracker.evaluation("before", *evaluation())
 
     # 4. train
     while step < args.steps:
@@ -281,9 +285,9 @@ def main(args: Args):
                 raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
             policy.backward(loss)
             policy.step()
-            rewards, good = args.beta * (logps.detach() - ref_logps), desirable.double()
-            stats += torch.stack([loss.detach().double(), z0.double(), (rewards * good).sum(),
-                                  (rewards * (1 - good)).sum(), (logps.detach() * good).sum(),
+            implicit, good = args.beta * (logps.detach() - ref_logps), desirable.double()
+            stats += torch.stack([loss.detach().double(), z0.double(), (implicit * good).sum(),
+                                  (implicit * (1 - good)).sum(), (logps.detach() * good).sum(),
                                   (logps.detach() * (1 - good)).sum(), good.sum(), (1 - good).sum()])
         step += 1
         stats = dist.all_reduce(stats).cpu()  # sums over every micro-batch of every rank
@@ -295,21 +299,21 @@ def main(args: Args):
                    "train/lr": policy.get_lr()[0],
                    "train/examples_per_s": args.batch_size / max(1e-9, tracker.step_time())}
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics.update({k: v for k, v in evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok,
-                                                      args, ctx).items() if k != "eval/samples"})
+            metrics.update(tracker.evaluation(f"step {step}", *evaluation()))
         tracker.log(step, metrics, show=("train/loss", "train/kl", "train/rewards/margin", "eval/pair_accuracy",
-                                         "eval/accuracy"))
+                                         "eval/task_score"))
         if engine.periodic_save(args, out, step, {"policy": policy}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 5. final eval and export
-    after = evaluate(policy, evals, eval_ref, eval_paired, eval_prompts, task, tok, args, ctx)
+    after = tracker.evaluation("after", *evaluation())
     engine.export_hf(policy, tok, out, ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
                      "model_path": args.model_path, "dataset": args.dataset, "train_examples": len(train),
-                     "desirable_examples": n_desirable, "split_from_pairs": paired})
-    tracker.print(f"[kto] after: {after}\n[kto] saved to {out}")
+                     "desirable_examples": n_desirable, "split_from_pairs": paired,
+                     "sources": rewards.sources(scorers)})
+    tracker.print(f"[kto] saved to {out}")
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

@@ -15,23 +15,25 @@ moments, 5. token-level KL penalty (k1) with the score at the last real token, 6
 
 Where the released MOSS-RLHF code differs from the paper, the flag docstring says so; we follow the paper.
 """
+import functools
 import time
 from dataclasses import dataclass, fields
 
 import torch
 
-from shared import data, dist, engine, rewards, rollout, tasks
-from shared.args import DataArgs, RewardArgs, RolloutArgs, RunArgs
+from shared import data, dist, engine, lora, rewards, rollout, tasks
+from shared.args import DataArgs, LoraArgs, RewardArgs, RolloutArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
+class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (also the frozen reference)"""
-    reward_path: str = engine.DEFAULT_RM
+    reward_path: str = ""
     """reward model (from train_rm.py); the critic starts from it unless --critic-path is given, and then it must have
-    the policy's tokenizer (the critic reads the policy's token ids; the reward re-tokenizes text with the RM's own)"""
+    the policy's tokenizer (the critic reads the policy's token ids; the reward re-tokenizes text with the RM's own).
+    Default: the demo reward model (assets/rm) on the built-in task when no other reward is given; none otherwise"""
     critic_path: str = ""
     """critic initialisation (default: the reward model, as the paper does); saved with the policy's tokenizer"""
     preset: str = "ppo-max"
@@ -58,7 +60,7 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     global_grad_clip: float | None = None
     """ppo-max: 1.0, global gradient-norm clipping of policy and critic (Sec. 5.3.2); vanilla: 0 (off)"""
     # --- PPO ---
-    kl_coef: float = 0.05
+    kl_coef: float = 0.01
     """beta of the token-level KL penalty r_t = -beta (logp_t - ref_t) (k1)"""
     target_kl: float = 0.0
     """adaptive KL controller (Ziegler et al. 2019): steer beta so the KL stays near this (0: fixed beta)"""
@@ -78,21 +80,21 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     """prompts sampled per step, all ranks together"""
     n_samples: int = 4
     """responses per prompt"""
-    temperature: float = 1.0
-    """sampling temperature (paper: 0.8; 1.0 suits the tiny default task)"""
-    top_p: float = 1.0
-    """nucleus sampling (paper: 0.9)"""
-    max_new_tokens: int = 8
+    temperature: float = 0.8
+    """sampling temperature (the paper's)"""
+    top_p: float = 0.9
+    """nucleus sampling (the paper's)"""
+    max_new_tokens: int = 256
     """response length limit"""
-    lr: float = 3e-5
-    """policy learning rate"""
-    critic_lr: float = 1e-4
-    """critic learning rate"""
+    lr: float = 5e-7
+    """policy learning rate (the paper's released 7B run)"""
+    critic_lr: float = 1.5e-6
+    """critic learning rate (the paper's released 7B run)"""
     ppo_epochs: int = 2
     """passes over each rollout batch"""
     num_minibatches: int = 2
     """optimizer steps per epoch"""
-    micro_batch_size: int = 32
+    micro_batch_size: int = 8
     """sequences per forward/backward pass per rank (memory only: the losses are token means over the minibatch)"""
     offload_frozen: bool = False
     """keep the frozen models' parameters on CPU (ZeRO-3 offload) to save GPU memory"""
@@ -100,6 +102,22 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     """also export the critic to <output-dir>/critic"""
     eval_every: int = 10
     """evaluate on held-out prompts every N steps"""
+    # --- variants researchers compare (all off by default; README "Variants") ---
+    dual_clip: float = 0.0
+    """dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): for A < 0 the loss is at most -c A, c > 1 (e.g. 3); 0: off"""
+    delta: float = 0.0
+    """two-sided clipping (INTELLECT-2, arXiv 2505.07291): the unclipped term uses min(r, delta), delta > 1 + eps
+    (e.g. 4); 0: off"""
+    kl_estimator: str = "k1"
+    """KL(policy || reference) per token, d = logp - ref: k1 = d (paper), k2 = d^2 / 2, k3 = exp(-d) - 1 + d"""
+    kl_in: str = "reward"
+    """reward: r_t = -beta KL_t in the token rewards before GAE (paper); loss: beta x the token-mean KL added to the
+    policy loss instead (use k2 or k3 there); --target-kl adapts beta either way"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=3e-5, critic_lr=1e-4, kl_coef=0.05, temperature=1.0, top_p=1.0, max_new_tokens=8, micro_batch_size=32)
 
 
 PRESETS = {
@@ -111,9 +129,21 @@ PRESETS = {
 
 
 def resolve_preset(args: Args) -> Args:
-    """Fill every trick left unset (None) from --preset."""
+    """Fill every trick left unset (None) from --preset. Nothing of the demo is used implicitly on your own data: the
+    demo reward model only on the built-in task with no reward given, the critic from the policy when there is no
+    reward model, and ptx (unset) off when there is no SFT data for it; each said in one line."""
     if args.preset not in PRESETS:
         raise dist.UserError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset}")
+    builtin = args.dataset in tasks.TASKS
+    if not (args.reward_path or args.reward_fn or args.reward_url) and builtin:
+        args.reward_path = engine.DEFAULT_RM
+        dist.say(f"[ppo_max] reward: the demo reward model of the built-in task ({args.reward_path})")
+    if args.critic_init is None and not args.reward_path and not args.critic_path:
+        args.critic_init = "policy"
+        dist.say("[ppo_max] no reward model: the critic starts from the policy (--critic-init policy)")
+    if args.ptx_coef is None and PRESETS[args.preset]["ptx_coef"] > 0 and not (args.ptx_dataset or builtin):
+        args.ptx_coef = 0.0
+        dist.say("[ppo_max] PPO-ptx off: it needs SFT data, give --ptx-dataset (and --ptx-coef 0.05 as in the paper)")
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -160,9 +190,10 @@ def normalise_scores(scores, moments: RunningMoments, mode: str, clip: float):
     return scores.clamp(-clip, clip) if clip > 0 else scores
 
 
-def shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
-    """r_t = -beta (logp_t - ref_t) on every response token, plus the score at the last real token; (N, R)."""
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+def shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+    """r_t = -beta KL_t on every response token, KL_t = k1 = logp_t - ref_t (or k2, k3: kl_penalty), plus the score
+    at the last real token; (N, R)."""
+    rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, estimator) * mask
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
@@ -188,13 +219,31 @@ def whiten(x, mask, eps: float = 1e-8):
     return (((x - mean) / (var.sqrt() + eps)) * mask).to(x.dtype)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float, n_tokens: float | None = None):
+def policy_loss(logprobs, old_logprobs, advantages, mask, eps: float, n_tokens: float | None = None,
+                dual_clip: float = 0.0, delta: float = 0.0):
     """-min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old), summed over this batch's valid tokens and
     divided by n_tokens: the valid tokens of the WHOLE minibatch (all micro-batches, all ranks), so the micro-batches'
-    shares add up to the minibatch's token mean. n_tokens None: this batch's own count (its token mean)."""
+    shares add up to the minibatch's token mean. n_tokens None: this batch's own count (its token mean).
+    delta > 0, two-sided clipping (INTELLECT-2, arXiv 2505.07291): -min(min(rho, delta) A, clip(rho) A).
+    dual_clip c > 0 (Ye et al. 2020, arXiv 1912.09729): for A < 0, -max(min(rho A, clip(rho) A), c A), i.e. the loss
+    is at most -c A however large rho grows (with c = delta the two give the same loss)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    unclipped = ratio.clamp(max=delta) if delta > 0 else ratio
+    per_token = -torch.min(unclipped * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    if dual_clip > 0:
+        per_token = torch.where(advantages < 0, torch.min(per_token, -dual_clip * advantages), per_token)
     return (per_token * mask).sum() / _count(mask, n_tokens)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str):
+    """Per-token KL(pi || ref) estimate (Schulman 2020), d = logp - ref: k1 = d (unbiased, can be negative),
+    k2 = d^2 / 2, k3 = exp(-d) - 1 + d. As a loss term, k2's gradient is the KL's on-policy gradient; k1's
+    gradient is grad logp (0 in expectation), so k1 belongs in the reward."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    return torch.exp(ref_logprobs - logprobs) - (ref_logprobs - logprobs) - 1
 
 
 def value_loss(values, old_values, returns, mask, clip: float, n_tokens: float | None = None):
@@ -247,12 +296,19 @@ def tis_weights(old_logprobs, sampler_logprobs, cap: float):
 
 
 def check_args(args: Args, world: int):
+    for name, allowed in {"kl_estimator": ("k1", "k2", "k3"), "kl_in": ("reward", "loss")}.items():
+        if getattr(args, name) not in allowed:
+            raise dist.UserError(f"--{name.replace('_', '-')} must be {', '.join(allowed)}; got {getattr(args, name)}")
+    if args.dual_clip and args.dual_clip <= 1:
+        raise dist.UserError(f"--dual-clip must be > 1 (e.g. 3), or 0 for off; got {args.dual_clip}")
+    if args.delta and args.delta <= 1 + args.eps:
+        raise dist.UserError(f"--delta must be > 1 + --eps (e.g. 4), or 0 for off; got {args.delta}")
     if args.prompts_per_step % world:
         raise dist.UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} ranks")
     rollout_per_rank = args.prompts_per_step * args.n_samples // world
     if rollout_per_rank % args.num_minibatches:
         raise dist.UserError("--num-minibatches must divide the samples per rank (prompts-per-step x n-samples / ranks)")
-    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args.micro_batch_size, 1,
+    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args, 1,
                                   "samples per minibatch per rank")
 
 
@@ -299,17 +355,16 @@ def main(args: Args):
     resolve_preset(args)
     grad_accum = check_args(args, ctx.world)
     rollout.check_args(args, ctx)
-    say = print if ctx.main else (lambda *a: None)
     tok = engine.load_tokenizer(args.model_path, args)
     train_rows, eval_rows = data.train_eval_rows(args, "prompt")
-    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", say)
-    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", say) if eval_rows else []
+    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", dist.say)
+    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", dist.say) if eval_rows else []
     ptx = []
     if args.ptx_coef > 0:
         ptx_spec = args.ptx_dataset or (args.dataset if args.dataset in tasks.TASKS else "")
         if not ptx_spec:
             raise dist.UserError("--ptx-coef > 0 needs --ptx-dataset (SFT data), or set --ptx-coef 0")
-        ptx = data.tokenize(data.load_table(ptx_spec, "train", "sft"), tok, "sft", args, "ptx", say)
+        ptx = data.tokenize(data.load_table(ptx_spec, "train", "sft"), tok, "sft", args, "ptx", dist.say)
     critic_path = args.critic_path or (args.reward_path if args.critic_init == "reward" else args.model_path)
     if not critic_path:
         raise dist.UserError("the critic starts from the reward model (--critic-init reward) but there is no "
@@ -317,12 +372,15 @@ def main(args: Args):
     check_critic_tokenizer(args, tok, critic_path)
     frozen_args = args if not args.offload_frozen else type(args)(**{**vars(args), "offload": True})
     reward_fn = rewards.build(frozen_args, ctx, probe=prompts[0])  # one trial call, before anything is written
-    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
+    scorers = rewards.eval_scorers(args, eval_prompts, reward_fn, rule_rewards=True)  # eval/task_score, eval/reward
 
     # 2. models: policy and critic (trained), reference and reward model (frozen)
-    policy = engine.load_model(args.model_path, args, ctx)
-    ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), frozen_args, ctx)
-    critic = engine.load_model(critic_path, args, ctx, kind="score", flag="--critic-path", seed=args.seed)
+    # With LoRA: the reference is the policy with its adapters off; the critic has its own adapters and value head
+    # on its own base (the reward model or the policy, per --critic-init), like its full fine-tuned counterpart
+    policy = engine.load_model(args.model_path, args, ctx, lora="train")
+    ref = lora.reference(policy, args) or engine.wrap_frozen(
+        engine.load_model(args.model_path, args, ctx, lora="start"), frozen_args, ctx)
+    critic = engine.load_model(critic_path, args, ctx, kind="score", flag="--critic-path", seed=args.seed, lora="new")
     out = engine.prepare_output_dir(args, ctx, "ppo_max")
     updates = args.steps * args.ppo_epochs * args.num_minibatches
     policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, updates)
@@ -337,24 +395,10 @@ def main(args: Args):
         step, before, kl_ctl.beta = state["step"], state["before"], state["kl_coef"]
         moments.count, moments.mean, moments.var = state["moments"]
 
-    def evaluate():
-        """Greedy responses to held-out prompts: mean reward-model score and, on a built-in task, exact match."""
-        scores = []
-
-        def score_fn(prompts, responses, **extras):
-            total = reward_fn(prompts, responses, [True] * len(responses), extras)[0]
-            scores.append(total)
-            return task.reward(prompts, responses, **extras) if task else total
-
-        acc = rollout.greedy_eval(generator, tok, eval_prompts, score_fn, ctx, args.max_new_tokens)[0]
-        mean_score = dist.all_reduce(torch.tensor([torch.cat(scores).sum().item(), sum(map(len, scores))],
-                                                  dtype=torch.float64)) if scores else torch.tensor([0.0, 1.0])
-        return {"eval/accuracy" if task else "eval/reward": acc, "eval/rm_score": (mean_score[0] / mean_score[1]).item()}
-
     generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf or vllm; synced after updates
+    evaluate = functools.partial(rollout.greedy_eval, generator, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
     if before is None:
-        before = evaluate()
-        tracker.print(f"[ppo_max] before: {before}")
+        before = tracker.evaluation("before", *evaluate())
 
     while step < args.steps:
         t0, timing, metrics = time.time(), {}, {}
@@ -391,7 +435,8 @@ def main(args: Args):
         # 4. normalise and clip the score with running moments; 5. KL penalty; 6. GAE; 7. whitening
         moments.update(scores)
         norm_scores = normalise_scores(scores, moments, args.reward_norm, args.reward_clip).to(ctx.device)
-        token_rewards = shaped_rewards(norm_scores, old_logprobs, ref_logprobs, mask, kl_ctl.beta)
+        beta_reward = kl_ctl.beta if args.kl_in == "reward" else 0.0  # --kl-in loss: the KL is a loss term below
+        token_rewards = shaped_rewards(norm_scores, old_logprobs, ref_logprobs, mask, beta_reward, args.kl_estimator)
         advantages, returns = gae(token_rewards, old_values, mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = whiten(advantages, mask)
@@ -427,7 +472,11 @@ def main(args: Args):
                     if epoch == 0 and j == 0:  # before this step's first update: the sampler's error alone
                         gap.add(logprobs, ro.logprobs[idx], m)
                     tis = tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
-                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx] * tis, m, args.eps, mb_tokens)
+                    pg_loss = policy_loss(logprobs, old_logprobs[idx], advantages[idx] * tis, m, args.eps, mb_tokens,
+                                          args.dual_clip, args.delta)
+                    if args.kl_in == "loss":  # share of beta x the minibatch's token-mean KL
+                        kl = kl_penalty(logprobs, ref_logprobs[idx], args.kl_estimator)
+                        pg_loss = pg_loss + kl_ctl.beta * (kl * m).sum() / mb_tokens
                     ptx_loss = torch.zeros((), device=ctx.device)
                     if ptx_batches:
                         b = ptx_batches[k]
@@ -480,23 +529,24 @@ def main(args: Args):
             "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
             **{f"time/{k}": v for k, v in timing.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics.update(evaluate())
-        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "loss/value", "eval/accuracy"))
+            metrics.update(tracker.evaluation(f"step {step}", *evaluate()))
+        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "loss/value", "eval/task_score"))
         state = {"step": step, "before": before, "kl_coef": kl_ctl.beta,
                  "moments": [moments.count, moments.mean, moments.var]}
         if engine.periodic_save(args, out, step, {"policy": policy, "critic": critic}, state, tok, ctx):
             return
 
     # final eval and export
-    after = evaluate()
+    after = tracker.evaluation("after", *evaluate())
     engine.export_hf(policy, tok, out, ctx)
     if args.save_critic:
         engine.export_hf(critic, tok, out / "critic", ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
                      "model_path": args.model_path, "reward_path": args.reward_path, "dataset": args.dataset,
+                     "sources": rewards.sources(scorers, **{"rollout/reward": reward_fn}),
                      "resolved": {f.name: getattr(args, f.name) for f in fields(args) if f.name in PRESETS["ppo-max"]}})
-    tracker.print(f"[ppo_max] after: {after}\n[ppo_max] saved to {out}")
+    tracker.print(f"[ppo_max] saved to {out}")
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

@@ -9,18 +9,19 @@ The KL to the reference enters the reward: sequence-level s_i - beta * sum_t (lo
 (--kl-per-token: the KL of the tokens from t on is subtracted from token t's advantage instead). Loss: REINFORCE on the
 sequence, -A_i * sum_t logp_t (paper), or the PPO-clipped token loss (--loss ppo).
 """
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from shared import data, dist, engine, rewards, rollout, tasks
-from shared.args import DataArgs, RewardArgs, RolloutArgs, RunArgs
+from shared import data, dist, engine, lora, rewards, rollout
+from shared.args import DataArgs, LoraArgs, RewardArgs, RolloutArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
+class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """policy to start from (also the frozen reference)"""
     steps: int = 60
@@ -33,10 +34,10 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     """sampling temperature (the trainer's log-probs use the same temperature)"""
     top_p: float = 1.0
     """nucleus sampling"""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 256
     """response length limit"""
-    lr: float = 1e-4
-    """policy learning rate"""
+    lr: float = 1e-6
+    """policy learning rate (TRL's RLOO default)"""
     beta: float = 0.05
     """KL coefficient in the reward (k1 estimator); 0 loads no reference model"""
     kl_per_token: bool = False
@@ -49,10 +50,26 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs):
     """passes over each rollout batch (--loss ppo)"""
     num_minibatches: int = 1
     """optimizer steps per epoch"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 8
     """sequences per forward/backward pass per rank"""
     eval_every: int = 10
     """evaluate on held-out prompts every N steps"""
+    # --- variants researchers compare (all off by default; README "Variants") ---
+    dual_clip: float = 0.0
+    """dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): for A < 0 the loss is at most -c A, c > 1 (e.g. 3); 0: off"""
+    delta: float = 0.0
+    """two-sided clipping (INTELLECT-2, arXiv 2505.07291): the unclipped term uses min(r, delta), delta > 1 + eps
+    (e.g. 4); 0: off (both with --loss ppo)"""
+    kl_estimator: str = "k1"
+    """KL(policy || reference) per token, d = logp - ref: k1 = d (paper), k2 = d^2 / 2, k3 = exp(-d) - 1 + d"""
+    kl_in: str = "reward"
+    """reward: beta x KL subtracted from the score (paper; --kl-per-token: from the advantages); loss: beta x the
+    token-mean KL added to the loss instead (use k2 or k3 there)"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=1e-4, max_new_tokens=8, micro_batch_size=64)
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -65,10 +82,11 @@ def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (groups - baseline).view(-1)
 
 
-def kl_rewards(scores, logprobs, ref_logprobs, mask, beta: float, per_token: bool):
+def kl_rewards(scores, logprobs, ref_logprobs, mask, beta: float, per_token: bool, estimator: str = "k1"):
     """Sequence level: (s_i - beta * sum_t KL_t, None); per token: (s_i, beta * sum_{k>=t} KL_k) with KL_t = k1 =
-    logp_t - ref_t over response tokens; the second term is subtracted from each token's advantage."""
-    kl = (logprobs - ref_logprobs) * mask
+    logp_t - ref_t (or k2, k3: kl_penalty) over response tokens; the second term is subtracted from each token's
+    advantage."""
+    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
     if not per_token:
         return scores - beta * kl.sum(1), None
     return scores, beta * kl.flip(1).cumsum(1).flip(1)
@@ -80,10 +98,28 @@ def reinforce_loss(logprobs, advantages, mask):
     return -((adv * logprobs * mask).sum(1)).mean()
 
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, eps: float):
-    """Per-token PPO loss -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old); (N, R)."""
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps: float, dual_clip: float = 0.0, delta: float = 0.0):
+    """Per-token PPO loss -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old); (N, R).
+    delta > 0, two-sided clipping (INTELLECT-2, arXiv 2505.07291): -min(min(rho, delta) A, clip(rho) A).
+    dual_clip c > 0 (Ye et al. 2020, arXiv 1912.09729): for A < 0, -max(min(rho A, clip(rho) A), c A), i.e. the loss
+    is at most -c A however large rho grows (with c = delta the two give the same loss)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    return -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    unclipped = ratio.clamp(max=delta) if delta > 0 else ratio
+    loss = -torch.min(unclipped * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    if dual_clip > 0:
+        loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
+    return loss
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str):
+    """Per-token KL(pi || ref) estimate (Schulman 2020), d = logp - ref: k1 = d (unbiased, can be negative),
+    k2 = d^2 / 2, k3 = exp(-d) - 1 + d. As a loss term, k2's gradient is the KL's on-policy gradient; k1's
+    gradient is grad logp (0 in expectation), so k1 belongs in the reward."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    return torch.exp(ref_logprobs - logprobs) - (ref_logprobs - logprobs) - 1
 
 
 def tis_weights(old_logprobs, sampler_logprobs, cap: float):
@@ -97,17 +133,31 @@ def tis_weights(old_logprobs, sampler_logprobs, cap: float):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+def check_variants(args: Args):
+    """The variant flags (README "Variants"): known values and combinations that mean something."""
+    for name, allowed in {"kl_estimator": ("k1", "k2", "k3"), "kl_in": ("reward", "loss")}.items():
+        if getattr(args, name) not in allowed:
+            raise dist.UserError(f"--{name.replace('_', '-')} must be {', '.join(allowed)}; got {getattr(args, name)}")
+    if args.dual_clip and args.dual_clip <= 1:
+        raise dist.UserError(f"--dual-clip must be > 1 (e.g. 3), or 0 for off; got {args.dual_clip}")
+    if args.delta and args.delta <= 1 + args.eps:
+        raise dist.UserError(f"--delta must be > 1 + --eps (e.g. 4), or 0 for off; got {args.delta}")
+    if (args.dual_clip or args.delta) and args.loss != "ppo":
+        raise dist.UserError("--dual-clip and --delta bound the clipped ratio of --loss ppo; add --loss ppo")
+
+
 def check_args(args: Args, world: int):
     if args.loss not in ("reinforce", "ppo"):
         raise dist.UserError(f"--loss must be reinforce or ppo, got {args.loss}")
     if args.n_samples < 2:
         raise dist.UserError("--n-samples must be >= 2: the leave-one-out baseline needs other samples")
+    check_variants(args)
     if args.prompts_per_step % world:
         raise dist.UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} ranks")
     rollout_per_rank = args.prompts_per_step * args.n_samples // world
     if rollout_per_rank % args.num_minibatches:
         raise dist.UserError("--num-minibatches must divide the samples per rank (prompts-per-step x n-samples / ranks)")
-    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args.micro_batch_size, 1,
+    return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args, 1,
                                   "samples per minibatch per rank")
 
 
@@ -116,18 +166,19 @@ def main(args: Args):
     # 1. check flags, data and rewards before anything is written
     grad_accum = check_args(args, ctx.world)
     rollout.check_args(args, ctx)
-    say = print if ctx.main else (lambda *a: None)
     tok = engine.load_tokenizer(args.model_path, args)
     train_rows, eval_rows = data.train_eval_rows(args, "prompt")
-    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", say)
-    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", say) if eval_rows else []
+    prompts = data.tokenize(train_rows, tok, "prompt", args, "train", dist.say)
+    eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", dist.say) if eval_rows else []
     reward_fn = rewards.build(args, ctx, probe=prompts[0])  # one trial call, before anything is written
-    eval_fn = tasks.get(args.dataset).reward if args.dataset in tasks.TASKS else (
-        lambda prompts, responses, **x: reward_fn(prompts, responses, [True] * len(responses), x)[0])
+    scorers = rewards.eval_scorers(args, eval_prompts, reward_fn, rule_rewards=True)  # eval/task_score, eval/reward
 
-    # 2. models: policy (trained), reference (frozen; only with beta > 0)
-    policy = engine.load_model(args.model_path, args, ctx)
-    ref = engine.wrap_frozen(engine.load_model(args.model_path, args, ctx), args, ctx) if args.beta > 0 else None
+    # 2. models: policy (trained), reference (frozen; only with beta > 0): with LoRA the policy, adapters off
+    policy = engine.load_model(args.model_path, args, ctx, lora="train")
+    ref = None
+    if args.beta > 0:
+        ref = lora.reference(policy, args) or engine.wrap_frozen(
+            engine.load_model(args.model_path, args, ctx, lora="start"), args, ctx)
     out = engine.prepare_output_dir(args, ctx, "rloo")
     total_updates = args.steps * args.ppo_epochs * args.num_minibatches
     policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, total_updates)
@@ -138,10 +189,9 @@ def main(args: Args):
         state = engine.load_checkpoint(out, {"policy": policy}, ctx)
         step, before = state["step"], state["before"]
     generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf or vllm; synced after updates
+    evaluate = functools.partial(rollout.greedy_eval, generator, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
     if before is None:
-        before = {"eval/accuracy": rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
-                                                       args.max_new_tokens)[0]}
-        tracker.print(f"[rloo] before: {before}")
+        before = tracker.evaluation("before", *evaluate())
 
     while step < args.steps:
         t0, timing, metrics = time.time(), {}, {}
@@ -172,8 +222,9 @@ def main(args: Args):
                                                                 ro.prompt_len, args.temperature) for mb in chunks]) \
                 if ref is not None else old_logprobs
         timing["forward"] = time.time() - t
-        penalised, kl_to_go = kl_rewards(scores.to(ctx.device), old_logprobs, ref_logprobs, mask, args.beta,
-                                         args.kl_per_token)
+        beta_reward = args.beta if args.kl_in == "reward" else 0.0  # --kl-in loss: the KL is a loss term below
+        penalised, kl_to_go = kl_rewards(scores.to(ctx.device), old_logprobs, ref_logprobs, mask, beta_reward,
+                                         args.kl_per_token, args.kl_estimator)
         advantages = rloo_advantages(penalised, args.n_samples)
         advantages = advantages[:, None] - kl_to_go if kl_to_go is not None else advantages[:, None].expand_as(mask)
 
@@ -195,8 +246,12 @@ def main(args: Args):
                     if args.loss == "reinforce":  # share of the mean over the minibatch's sequences
                         loss = reinforce_loss(logprobs, advantages[idx] * w, m) * len(idx) / len(minibatch)
                     else:  # share of the token mean over the minibatch (all ranks)
-                        per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps) * w
+                        per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps,
+                                                      args.dual_clip, args.delta) * w
                         loss = (per_token * m).sum() / mb_tokens * ctx.world
+                    if ref is not None and args.kl_in == "loss":  # share of beta x the minibatch's token-mean KL
+                        kl = kl_penalty(logprobs, ref_logprobs[idx], args.kl_estimator)
+                        loss = loss + args.beta * (kl * m).sum() / mb_tokens * ctx.world
                     # DeepSpeed divides by grad_accum and averages over ranks
                     loss = loss * grad_accum
                     if not torch.isfinite(loss):
@@ -229,19 +284,19 @@ def main(args: Args):
             "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
             **{f"time/{k}": v for k, v in timing.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics["eval/accuracy"] = rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx,
-                                                           args.max_new_tokens)[0]
-        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/accuracy"))
+            metrics.update(tracker.evaluation(f"step {step}", *evaluate()))
+        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/task_score"))
         if engine.periodic_save(args, out, step, {"policy": policy}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 7. final eval and export
-    after = {"eval/accuracy": rollout.greedy_eval(generator, tok, eval_prompts, eval_fn, ctx, args.max_new_tokens)[0]}
+    after = tracker.evaluation("after", *evaluate())
     engine.export_hf(policy, tok, out, ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "sources": rewards.sources(scorers, **{"rollout/reward": reward_fn}),
                      "model_path": args.model_path, "dataset": args.dataset})
-    tracker.print(f"[rloo] after: {after}\n[rloo] saved to {out}")
+    tracker.print(f"[rloo] saved to {out}")
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

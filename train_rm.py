@@ -10,18 +10,19 @@ in the last (assistant) message. An optional `--margin-column` gives a per-pair 
 The saved directory loads with `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`; its config
 carries `reward_mean` and `reward_std` (over train responses) for the RL scripts to normalise with.
 """
+import gc
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from shared import data, dist, engine
-from shared.args import DataArgs, RunArgs
+from shared import data, dist, engine, rewards, rollout
+from shared.args import DataArgs, LoraArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs):
+class Args(RunArgs, DataArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """model to start from (usually the SFT model); a scalar score head is added on top"""
     margin_column: str = ""
@@ -30,18 +31,28 @@ class Args(RunArgs, DataArgs):
     """optimizer steps"""
     batch_size: int = 64
     """global batch size in pairs"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 8
     """pairs per forward pass per rank (chosen and rejected go through one concatenated forward)"""
-    lr: float = 3e-4
-    """peak learning rate (AdamW)"""
-    warmup_steps: int = 50
-    """linear learning-rate warmup steps"""
+    lr: float = 1e-5
+    """peak learning rate (AdamW; TRL 1e-5, OpenRLHF 9e-6)"""
+    warmup_steps: int = 30
+    """linear learning-rate warmup steps (~3% of the steps)"""
     lr_decay: bool = True
     """decay the learning rate linearly to 0 at the last step"""
     eval_every: int = 0
     """evaluate every N steps (0: only before and after training)"""
     stats_examples: int = 1024
     """train pairs used to measure the reward mean/std saved in the config"""
+    eval_policy_path: str = ""
+    """a policy whose greedy responses to the held-out prompts are scored with the task score (--eval-reward-fn, or
+    the built-in task's checker) once, before training: eval/task_score, a reference beside the RM's figures"""
+    max_new_tokens: int = 256
+    """response length limit of --eval-policy-path's greedy responses"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=3e-4, warmup_steps=50, micro_batch_size=64, max_new_tokens=8)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None):
@@ -77,7 +88,7 @@ def evaluate(model, pairs, pad_id, args, ctx) -> dict:
     dist.all_reduce(totals)
     model.train()
     n = totals[3].clamp(min=1)
-    return {"eval/accuracy": (totals[0] / n).item(), "eval/loss": (totals[1] / n).item(),
+    return {"eval/pair_accuracy": (totals[0] / n).item(), "eval/loss": (totals[1] / n).item(),
             "eval/margin": (totals[2] / n).item()}
 
 
@@ -95,15 +106,27 @@ def reward_stats(model, pairs, pad_id, args, ctx) -> tuple[float, float]:
     return mean.item(), (s[1] / s[2] - mean**2).clamp(min=1e-12).sqrt().item()
 
 
+def policy_task_score(args, ctx, tok, prompts, scorers):
+    """(eval/task_score, samples) of --eval-policy-path's greedy responses to the held-out prompts; the policy is
+    loaded for this and freed."""
+    if not scorers:
+        return {}, []
+    policy = engine.wrap_frozen(engine.load_model(args.eval_policy_path, args, ctx, flag="--eval-policy-path"),
+                                args, ctx)
+    scores = rollout.greedy_eval(policy, tok, prompts, scorers, ctx, args.max_new_tokens)
+    del policy
+    gc.collect()
+    return scores
+
+
 def main(args: Args):
     ctx = dist.init(args.seed)
     # 1. check flags and data before anything is written
-    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
-    say = print if ctx.main else (lambda *a: None)
+    grad_accum = data.check_batch_sizes(args.batch_size, args, ctx.world)
     tok = engine.load_tokenizer(args.model_path, args)
     train_rows, eval_rows = data.train_eval_rows(args, "pair")
-    train = data.tokenize(train_rows, tok, "pair", args, "train", say)
-    evals = data.tokenize(eval_rows, tok, "pair", args, "eval", say) if eval_rows else []
+    train = data.tokenize(train_rows, tok, "pair", args, "train", dist.say)
+    evals = data.tokenize(eval_rows, tok, "pair", args, "eval", dist.say) if eval_rows else []
     margins = None
     if args.margin_column:
         if args.margin_column not in train_rows[0]:
@@ -112,9 +135,14 @@ def main(args: Args):
         margins = torch.tensor([float(r[args.margin_column]) for r in train_rows])
         if len(margins) != len(train):
             raise dist.UserError("--margin-column needs every pair kept: use --overlong truncate")
+    ptok = engine.load_tokenizer(args.eval_policy_path, args, "--eval-policy-path") if args.eval_policy_path else tok
+    eval_prompts = data.eval_prompts(args, eval_rows, ptok, dist.say) if args.eval_policy_path else []
+    scorers = rewards.eval_scorers(args, eval_prompts) if args.eval_policy_path else {}  # eval/task_score
+    if not args.eval_policy_path:
+        dist.say("[train_rm] no task score: give --eval-policy-path (and --eval-reward-fn on your own data)")
 
     # 2. model, DeepSpeed engine, output directory, resume
-    model = engine.load_model(args.model_path, args, ctx, kind="score", seed=args.seed)
+    model = engine.load_model(args.model_path, args, ctx, kind="score", seed=args.seed, lora="train")
     out = engine.prepare_output_dir(args, ctx, "train_rm")
     model = engine.wrap_trainable(model, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "train_rm")
@@ -124,8 +152,9 @@ def main(args: Args):
         state = engine.load_checkpoint(out, {"model": model}, ctx)
         step, before = state["step"], state["before"]
     if before is None:
-        before = evaluate(model, evals, tok.pad_token_id, args, ctx)
-        tracker.print(f"[train_rm] before: {before}")
+        scores, samples = policy_task_score(args, ctx, ptok, eval_prompts, scorers)
+        before = tracker.evaluation("before", {**evaluate(model, evals, tok.pad_token_id, args, ctx), **scores},
+                                    samples)
 
     # 3. train
     while step < args.steps:
@@ -137,22 +166,24 @@ def main(args: Args):
             model.step()
             stats += torch.tensor([loss.item(), (chosen > rejected).float().mean().item(), 1.0])
         step += 1
-        metrics = {"train/loss": stats[0] / stats[2], "train/accuracy": stats[1] / stats[2],
+        metrics = {"train/loss": stats[0] / stats[2], "train/pair_accuracy": stats[1] / stats[2],
                    "train/lr": model.get_lr()[0], "train/pairs_per_s": args.batch_size / max(1e-9, tracker.step_time())}
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics.update(evaluate(model, evals, tok.pad_token_id, args, ctx))
-        tracker.log(step, metrics, show=("train/loss", "train/accuracy", "eval/accuracy"))
+            metrics.update(tracker.evaluation(f"step {step}", evaluate(model, evals, tok.pad_token_id, args, ctx)))
+        tracker.log(step, metrics, show=("train/loss", "train/pair_accuracy", "eval/pair_accuracy"))
         if engine.periodic_save(args, out, step, {"model": model}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 4. final eval, reward statistics, export
     after = evaluate(model, evals, tok.pad_token_id, args, ctx)
+    after = tracker.evaluation("after", {**after, **{k: before[k] for k in scorers if k in before}})
     mean, std = reward_stats(model, train, tok.pad_token_id, args, ctx)
     engine.export_hf(model, tok, out, ctx, {"reward_mean": mean, "reward_std": std})
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world, "reward_mean": mean,
-                     "reward_std": std, "model_path": args.model_path, "dataset": args.dataset})
-    tracker.print(f"[train_rm] after: {after}\n[train_rm] reward mean {mean:.3f} std {std:.3f}; saved to {out}")
+                     "reward_std": std, "model_path": args.model_path, "dataset": args.dataset,
+                     "sources": rewards.sources(scorers)})
+    tracker.print(f"[train_rm] reward mean {mean:.3f} std {std:.3f}; saved to {out}")
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

@@ -6,35 +6,45 @@
 
 Data: `prompt` + `response` columns (strings or chat messages), or one `messages` column holding whole
 conversations (the last, assistant message is the response). The prompt is masked out of the loss; the response
-ends with exactly one EOS, which is trained on.
+ends with exactly one EOS, which is trained on. --assistant-turns all trains on every assistant turn of a
+conversation (its content and EOS), the user/system turns and the template's markup masked.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from shared import data, dist, engine, rollout, tasks
-from shared.args import DataArgs, RunArgs
+from shared import data, dist, engine, rewards, rollout
+from shared.args import DataArgs, LoraArgs, RunArgs
 from shared.tracking import Tracker
 
 
 @dataclass
-class Args(RunArgs, DataArgs):
+class Args(RunArgs, DataArgs, LoraArgs):
     model_path: str = "tiny"
     """model to fine-tune: a local HF directory, a hub name, or `tiny` (the tiny default Llama, built from scratch)"""
     steps: int = 600
     """optimizer steps"""
     batch_size: int = 64
     """global batch size (examples per optimizer step, all ranks together)"""
-    micro_batch_size: int = 64
+    micro_batch_size: int = 8
     """examples per forward pass per rank; batch_size / (micro_batch_size x ranks) gives gradient accumulation"""
-    lr: float = 1e-3
-    """peak learning rate (AdamW)"""
-    warmup_steps: int = 50
-    """linear learning-rate warmup steps"""
+    lr: float = 2e-5
+    """peak learning rate (AdamW; TRL's SFT default)"""
+    warmup_steps: int = 20
+    """linear learning-rate warmup steps (~3% of the steps, as OpenRLHF)"""
     eval_every: int = 0
     """evaluate every N steps (0: only before and after training)"""
-    max_new_tokens: int = 8
-    """generation length for the greedy exact-match eval on a built-in task"""
+    max_new_tokens: int = 256
+    """response length limit of the greedy task-score eval"""
+    assistant_turns: str = "last"
+    """conversations: last, the loss on the last assistant message only (its EOS included); all, on every assistant
+    message's content and its EOS (end-of-turn token), nothing else of the conversation"""
+
+
+# Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
+# for it; the Args above hold the values for pretrained models. Flags you give always win.
+EMBEDDED = dict(lr=1e-3, warmup_steps=50, micro_batch_size=64, max_new_tokens=8)
 
 
 def sft_loss(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -52,12 +62,18 @@ def response_logits(model, examples: list[dict], pad_id: int, device):
     logits over the prompt)."""
     ids, mask, rmask, p_len = data.collate_responses([e["input_ids"] for e in examples],
                                                      [e["prompt_len"] for e in examples], pad_id, device)
+    if any("loss_mask" in e for e in examples):  # --assistant-turns all: only the assistant turns of the response
+        turns = torch.zeros_like(rmask)
+        for i, e in enumerate(examples):
+            m = e.get("loss_mask", [1] * (len(e["input_ids"]) - e["prompt_len"]))
+            turns[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        rmask = rmask & turns
     return engine.response_forward(model, ids, mask, p_len), ids[:, p_len:], rmask, int(mask.sum())
 
 
 @torch.no_grad()
-def evaluate(model, tok, eval_examples, eval_prompts, task, args, ctx) -> dict:
-    """Held-out NLL (token mean over all ranks) and, on a built-in task, greedy exact-match accuracy."""
+def evaluate(model, tok, eval_examples, eval_prompts, scorers, args, ctx):
+    """(metrics, samples): held-out NLL (token mean over all ranks) and the task score of greedy responses."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for mb in data.rank_micro_batches(eval_examples, args.micro_batch_size, ctx):  # same number of calls per rank
@@ -66,29 +82,24 @@ def evaluate(model, tok, eval_examples, eval_prompts, task, args, ctx) -> dict:
             n_tokens = rmask.sum().double().cpu()
             totals += torch.stack([sft_loss(logits, responses, rmask).double().cpu() * n_tokens, n_tokens])
     dist.all_reduce(totals)
-    metrics = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
-    if task:
-        metrics["eval/accuracy"], samples = rollout.greedy_eval(model, tok, eval_prompts, task.reward, ctx,
-                                                                args.max_new_tokens)
-        metrics["eval/samples"] = samples
+    scores, samples = rollout.greedy_eval(model, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
     model.train()
-    return metrics
+    return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(), **scores}, samples
 
 
 def main(args: Args):
     ctx = dist.init(args.seed)
     # 1. check flags and data before anything is written
-    grad_accum = data.check_batch_sizes(args.batch_size, args.micro_batch_size, ctx.world)
-    say = print if ctx.main else (lambda *a: None)
+    grad_accum = data.check_batch_sizes(args.batch_size, args, ctx.world)
     tok = engine.load_tokenizer(args.model_path, args)
     train_rows, eval_rows = data.train_eval_rows(args, "sft")
-    train = data.tokenize(train_rows, tok, "sft", args, "train", say)
-    evals = data.tokenize(eval_rows, tok, "sft", args, "eval", say) if eval_rows else []
-    task = tasks.get(args.dataset) if args.dataset in tasks.TASKS else None
-    eval_prompts = data.tokenize(task.rows("prompt", "test"), tok, "prompt", args, "eval") if task else []
+    train = data.tokenize(train_rows, tok, "sft", args, "train", dist.say)
+    evals = data.tokenize(eval_rows, tok, "sft", args, "eval", dist.say) if eval_rows else []
+    eval_prompts = data.eval_prompts(args, eval_rows, tok, dist.say)
+    scorers = rewards.eval_scorers(args, eval_prompts)  # eval/task_score
 
     # 2. model, DeepSpeed engine, output directory, resume
-    model = engine.load_model(args.model_path, args, ctx, seed=args.seed, dropout=True)  # SFT keeps dropout
+    model = engine.load_model(args.model_path, args, ctx, seed=args.seed, dropout=True, lora="train")  # keeps dropout
     out = engine.prepare_output_dir(args, ctx, "train_sft")
     model = engine.wrap_trainable(model, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "train_sft")
@@ -98,9 +109,9 @@ def main(args: Args):
         state = engine.load_checkpoint(out, {"model": model}, ctx)
         step, before = state["step"], state["before"]
         tracker.print(f"[train_sft] resumed at step {step}")
+    evaluation = functools.partial(evaluate, model, tok, evals, eval_prompts, scorers, args, ctx)
     if before is None:
-        before = evaluate(model, tok, evals, eval_prompts, task, args, ctx)
-        tracker.print(f"[train_sft] before: {before}")
+        before = tracker.evaluation("before", *evaluation())
 
     # 3. train
     while step < args.steps:
@@ -117,19 +128,19 @@ def main(args: Args):
         metrics = {"train/loss": sum(losses) / len(losses), "train/lr": model.get_lr()[0],
                    "train/tokens_per_s": n_tokens * ctx.world / max(1e-9, tracker.step_time())}
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics.update({k: v for k, v in evaluate(model, tok, evals, eval_prompts, task, args, ctx).items()
-                            if k != "eval/samples"})
-        tracker.log(step, metrics, show=("train/loss", "eval/loss", "eval/accuracy", "train/tokens_per_s"))
+            metrics.update(tracker.evaluation(f"step {step}", *evaluation()))
+        tracker.log(step, metrics, show=("train/loss", "eval/loss", "eval/task_score", "train/tokens_per_s"))
         if engine.periodic_save(args, out, step, {"model": model}, {"step": step, "before": before}, tok, ctx):
             return
 
     # 4. final eval and export
-    after = evaluate(model, tok, evals, eval_prompts, task, args, ctx)
+    after = tracker.evaluation("after", *evaluation())
     engine.export_hf(model, tok, out, ctx)
     tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
-                     "model_path": args.model_path, "dataset": args.dataset, "train_examples": len(train)})
-    tracker.print(f"[train_sft] after: {after}\n[train_sft] saved to {out}")
+                     "model_path": args.model_path, "dataset": args.dataset, "train_examples": len(train),
+                     "sources": rewards.sources(scorers)})
+    tracker.print(f"[train_sft] saved to {out}")
 
 
 if __name__ == "__main__":
-    dist.cli(main, Args)
+    dist.cli(main, Args, EMBEDDED)

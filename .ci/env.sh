@@ -37,7 +37,7 @@ _rlhf_install() {
   else
     "$venv/bin/python" -m pip install -q -r "$_root/requirements.txt"
   fi
-  "$venv/bin/python" -c "import torch, deepspeed, transformers, datasets, tyro, wandb, pytest, xdist, vllm" >/dev/null
+  "$venv/bin/python" -c "import torch, deepspeed, transformers, datasets, tyro, wandb, pytest, xdist, vllm, peft, tqdm" >/dev/null
   touch "$venv/.complete"
 }
 

@@ -1,24 +1,29 @@
-"""Ours vs TRL on one CPU: time per step, equal work, learning efficiency, and where the time goes.
+"""Ours vs TRL on one CPU: time and peak memory per step, equal work, learning efficiency, and where the time goes.
 
 Run through benchmarks/run.sh (it activates the environment, installs TRL into its own folder and sets 1 thread):
 
-    bash benchmarks/run.sh            # full run: ~9 min measuring + up to 5 min waiting for a quiet machine
-    bash benchmarks/run.sh --quick    # smoke run, ~3 min
+    bash benchmarks/run.sh                   # full run: ~27 min measuring + up to 5 min waiting for a quiet machine
+    bash benchmarks/run.sh --only realistic  # the realistic shape only: ~13 min
+    bash benchmarks/run.sh --quick           # smoke run, ~3 min
 
-Method (README, "Benchmarks"):
+Method (benchmarks/README.md):
 - Each comparison starts its processes together (one per side: our script run as `python X.py FLAGS` through
   benchmarks/ours.py, TRL's trainer through benchmarks/trl_run.py), on the same model directory, data, batch sizes,
   sequence lengths, generation settings, optimizer settings and number of steps, each with 1 torch thread.
 - After step 1 (set-up and step 1 overlap and are never timed) the processes take turns one STEP at a time (a pipe
   gate), A B B A A B ..., so both sides see the same background load; a step is timed from its turn's start to the
   end of its optimizer step. The first WARMUP steps are excluded; the table shows the median of the rest.
+- Memory: at each turn's start the process's peak-RSS counter is reset (/proc/self/clear_refs); at the step's end
+  the peak since then is read (VmHWM). Per side: the highest peak over the timed steps ("memory ratio" = ours / other)
+  and the most a step rose above its own start. The same reading in both processes (benchmarks/instrument.py).
 - Equal work is counted, not assumed, by the same hooks in both processes (benchmarks/instrument.py): sampled
   sequences and tokens, decode forwards, forward passes with and without gradient (calls, rows, token positions),
   backward passes, optimizer steps.
-- Two model sizes: the tiny default policy (assets/sft, 0.8M parameters) and a 14M-parameter Llama over the same
-  character tokenizer, built here from a seeded config and saved to a temporary directory that both sides load; and
-  the TRL pairs again with that backbone and a 32k-token vocabulary (tied embeddings, 26M parameters: the LM head's
-  share of real small models).
+- Sizes: the tiny default policy (assets/sft, 0.8M parameters) and a 14M-parameter Llama over the same character
+  tokenizer, built here from a seeded config and saved to a temporary directory that both sides load; the TRL pairs
+  again with that backbone and a 32k-token vocabulary (tied embeddings, 26M parameters); and `realistic`: SmolLM2-135M's
+  shape (GQA, tied embeddings, 49152 tokens, 134.5M parameters) with 64-token prompts and 128-token responses
+  (build_realistic).
 """
 import argparse
 import importlib.util
@@ -36,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 WARMUP = 2  # steps excluded from the medians (step 1 overlaps the other side's set-up; step 2 warms caches)
+WARMUP_BY_SIZE = {"realistic": 1}  # seconds-long steps: step 1 (set-up overlap, caches, optimizer state) suffices
 
 # the larger model: a Llama over the committed character tokenizer, ~14M parameters
 BIG = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
@@ -74,6 +80,59 @@ def build_big_model(path: Path, vocab_size: int = 0) -> int:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
+
+
+# the realistic shape: SmolLM2-135M's architecture (Llama, GQA 9 query / 3 KV heads, tied embeddings, 49152 tokens)
+REALISTIC = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, rope_theta=100000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.02)
+PROMPT_LEN, RESPONSE_LEN = 64, 128  # characters = tokens of the character tokenizer
+FILLER = ("Compute the sum of the two numbers below and reply with the digits of the result first, then any "
+          "words you like. ")
+
+
+def _pad(text: str, width: int, tail: bool) -> str:
+    """`text` brought to exactly `width` characters with FILLER: in front of a prompt, behind a response."""
+    fill = (FILLER * (width // len(FILLER) + 1))
+    return (text + " " + fill)[:width] if tail else (fill[: max(0, width - len(text) - 1)] + " " + text)[-width:]
+
+
+def build_realistic(path: Path, layers: int = REALISTIC["num_hidden_layers"]) -> int:
+    """A random-weight model of SmolLM2-135M's shape over the committed character tokenizer (ids past its 99 tokens
+    decode to nothing), and data files of the built-in addition task lengthened to PROMPT_LEN-token prompts and
+    RESPONSE_LEN-token responses (the problem and its answer kept, filler text around them), for both sides:
+    sft.jsonl (prompt, response), pairs.jsonl (prompt, chosen, rejected), prompts.jsonl (prompt, answer), and 16-row
+    *_eval.jsonl files from the held-out split. Random weights at this vocabulary sample the EOS with probability
+    ~1/49152 per token, so responses run to the length limit (the counters show the sampled tokens)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizer"))
+    config = LlamaConfig(eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=tok.pad_token_id,
+                         **dict(REALISTIC, num_hidden_layers=layers))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    write_task_files(path, PROMPT_LEN, RESPONSE_LEN)
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_task_files(path: Path, prompt_len: int, response_len: int, n_train: int = 2000, n_eval: int = 16):
+    """sft / pairs / prompts (.jsonl, and *_eval.jsonl) of the addition task at the given lengths (characters)."""
+    sys.path.insert(0, str(ROOT))
+    from shared import tasks
+
+    task = tasks.get("addition")
+    P = lambda text: _pad(text, prompt_len, False)  # noqa: E731
+    R = lambda text: _pad(text, response_len, True)  # noqa: E731
+    for split, suffix, n in (("train", "", n_train), ("test", "_eval", n_eval)):
+        files = {"sft": [{"prompt": P(r["prompt"]), "response": R(r["response"])} for r in task.rows("sft", split)[:n]],
+                 "pairs": [{"prompt": P(r["prompt"]), "chosen": R(r["chosen"]), "rejected": R(r["rejected"])}
+                           for r in task.rows("pair", split)[:n]],
+                 "prompts": [{"prompt": P(r["prompt"]), "answer": r["answer"]} for r in task.rows("prompt", split)[:n]]}
+        for name, rows in files.items():
+            (path / f"{name}{suffix}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------- one comparison
@@ -148,7 +207,7 @@ def run_group(name: str, workers: list, n_steps: int, out: Path, step_timeout: f
         w.log = log = open(out / f"{name}__{w.label.replace(':', '_')}.log", "w")
         cmd = [str(c).replace("{record}", str(w.record)) for c in w.cmd]
         if not w.trl:  # our script's run directory (metrics.jsonl, summary.json) inside the results directory
-            cmd += ["--output-dir", str(out / f"{name}__{w.label.split(':')[1].removesuffix('.py')}"), "--overwrite"]
+            cmd += ["--output-dir", str(out / f"{name}__{w.label.split(':')[1].replace('.py', '')}"), "--overwrite"]
         log.write(" ".join(cmd) + "\n")
         log.flush()
         w.proc = subprocess.Popen(cmd, env=env, pass_fds=(r_go, w_rep), stdout=log, stderr=subprocess.STDOUT,
@@ -212,19 +271,19 @@ EQUAL_KEYS = ["optimizer_steps", "sampled_seqs", "fwd_nograd_rows", "fwd_grad_ro
 
 
 def per_step(w: Worker, warmup: int = WARMUP) -> list[dict]:
-    """Timed steps after warm-up: {'s': seconds, work counters..., metrics}."""
+    """Timed steps after warm-up: {'s': seconds, work counters..., metrics, mem}."""
     steps, out = w.data.get("steps", []), []
     for prev, cur in zip([None] + steps, steps):
         if cur["step"] <= warmup or cur["t_go"] is None:
             continue
         base = prev["counts"] if prev else {}
         work = {k: cur["counts"].get(k, 0.0) - base.get(k, 0.0) for k in cur["counts"]}
-        out.append({"s": cur["t_end"] - cur["t_go"], **work, "metrics": cur.get("metrics", {})})
+        out.append({"s": cur["t_end"] - cur["t_go"], **work, "metrics": cur.get("metrics", {}), "mem": cur.get("mem")})
     return out
 
 
-def summarize(w: Worker) -> dict:
-    rows = per_step(w)
+def summarize(w: Worker, warmup: int = WARMUP) -> dict:
+    rows = per_step(w, warmup)
     if not rows:
         return {"label": w.label, "failed": w.failed or "no timed steps"}
     times = [r["s"] for r in rows]
@@ -236,6 +295,14 @@ def summarize(w: Worker) -> dict:
     s["phases"] = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in phases}
     s["phases"]["other_s"] = statistics.mean(times) - sum(s["phases"].values())
     s["mean_s"] = statistics.mean(times)
+    mem = [r["mem"] for r in rows if r.get("mem") and r["mem"].get("rss_go_mb") is not None]
+    if mem:  # peak RSS of the timed steps (MiB), and the most a step rose above its own start
+        s["peak_mb"] = max(m["peak_mb"] for m in mem)
+        s["step_delta_mb"] = max(m["peak_mb"] - m["rss_go_mb"] for m in mem)
+        s["rss_go_mb"] = statistics.mean(m["rss_go_mb"] for m in mem)
+        s["peak_reset"] = all(m.get("peak_reset") for m in mem)
+    if s.get("sampled_tokens") and s["phases"]["generate_s"]:
+        s["rollout_tokens_per_s"] = s["sampled_tokens"] / s["phases"]["generate_s"]
     if rows[0]["metrics"]:  # our scripts: their own per-step timers
         keys = sorted({k for r in rows for k in r["metrics"] if k.startswith("time/")})
         s["script_timers"] = {k: statistics.mean(r["metrics"].get(k, 0.0) for r in rows) for k in keys}
@@ -263,14 +330,56 @@ def fmt(x, nd=3):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def ratio_rows(r: dict) -> list[dict]:
+    """One row per pair compared (ours / other): `name`, `time_ratio` (median s/step), `memory_ratio` (peak RSS of
+    the timed steps; null where not measured), and beside them the step's rise above its start, the arithmetic ratio,
+    equal work and, where both sample, rollout tokens/s. A comparison with our vLLM-backend grpo.py beside the HF one
+    adds `<name>-vllm` (vLLM vs the other side) and `<name>-vllm-vs-hf` (vLLM vs HF, our two processes)."""
+    out = []
+    for c in r["comparisons"]:
+        ws = c["workers"]
+        pairs = [(w, ws[-1]) for w in ws[:-1]]
+        hf = next((w for w in ws[:-1] if w["label"] == "ours:grpo.py"), None)
+        vl = next((w for w in ws[:-1] if w["label"].endswith("+vllm")), None)
+        if hf and vl:
+            pairs.append((vl, hf))
+        for w, base in pairs:
+            if c["name"].startswith("internal"):
+                name = f"{c['name']}:{w['label'].split(':')[1]}"
+            else:
+                name = c["name"] + ("-vllm" if w is vl else "") + ("-vs-hf" if base is hf else "")
+            ratio = _div(w.get("median_s"), base.get("median_s"))
+            eq = equal_work(w, base) if ratio else (w.get("failed") or base.get("failed") or "?")
+            if c["name"].startswith("internal"):
+                eq = "equal samples" if w.get("sampled_seqs") == base.get("sampled_seqs") else "NO: samples"
+            unseen = any(x.get("sampled_seqs", 0) and not x.get("decode_positions", 0) for x in (w, base))  # vLLM
+            arith = _div(arithmetic(w), arithmetic(base)) if ratio and not unseen else None
+            out.append({"name": name, "comparison": c["name"], "size": c["size"], "ours": w["label"], "other": base["label"],
+                        "ours_s": w.get("median_s"), "other_s": base.get("median_s"), "time_ratio": ratio,
+                        "memory_ratio": _div(w.get("peak_mb"), base.get("peak_mb")),
+                        "ours_peak_mb": w.get("peak_mb"), "other_peak_mb": base.get("peak_mb"),
+                        "ours_step_delta_mb": w.get("step_delta_mb"), "other_step_delta_mb": base.get("step_delta_mb"),
+                        "step_delta_ratio": _div(w.get("step_delta_mb"), base.get("step_delta_mb")),
+                        "arithmetic_ratio": arith, "equal_work": eq, "load": c["load_before"],
+                        "ours_rollout_tokens_per_s": w.get("rollout_tokens_per_s"),
+                        "other_rollout_tokens_per_s": base.get("rollout_tokens_per_s"),
+                        "rollout_tokens_per_s_ratio": _div(w.get("rollout_tokens_per_s"),
+                                                           base.get("rollout_tokens_per_s"))})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def plan(big_dir: str, quick: bool, vocab_dir: str = ""):
+def plan(big_dir: str, quick: bool, vocab_dir: str = "", real_dir: str = ""):
     """(name, size, workers, steps) for every timing comparison. Tiny: our scripts' default batch sizes. 14M and
     26M-v32k: RL with 8 prompts x 4 samples and offline methods with 32 examples per step, to keep the run short.
     --quick: every pair on the tiny model and GRPO on the 14M one, 4 steps each (2 timed)."""
-    common = ["--eval-every", "0", "--eval-size", "16"]
+    common = ["--eval-every", "0", "--eval-size", "16", "--defaults", "embedded"]  # the values TRL is given too
     out = []
     sizes = [("tiny", str(ROOT / "assets" / "sft"), 4 if quick else 22), ("14M", big_dir, 4 if quick else 12)]
     sizes += [("26M-v32k", vocab_dir, 12)] if vocab_dir and not quick else []
@@ -321,6 +430,45 @@ def plan(big_dir: str, quick: bool, vocab_dir: str = ""):
             ours("grpo.py", eq + ["--micro-batch-size", str(p2 * k2)])], n))
     if quick:
         out = [c for c in out if c[1] == "tiny" or c[0] == "grpo-14M"]
+    if real_dir:
+        out += realistic_plan(real_dir, common, quick)
+    return out
+
+
+def realistic_plan(d: str, common: list, quick: bool):
+    """The realistic shape (build_realistic): SFT and DPO with 4 examples / 2 pairs per step, GRPO and RLOO with
+    2 prompts x 2 samples of 128 new tokens, one micro-batch each, and in the GRPO comparison a third process, our
+    grpo.py with the vLLM rollout backend (its rollout tokens/s against the HF backend's). Same learning rates as
+    the other sizes; 4 steps (the first is set-up and never timed, so 3 timed steps per side; --quick: 3 steps)."""
+    n = 3 if quick else 4
+    ln = ["--max-len", "256"]
+    tcfg = dict(model=d, steps=n, grad_accum=1, max_len=256)
+    data = lambda name: ["--dataset", f"{d}/{name}.jsonl", "--eval-dataset", f"{d}/{name}_eval.jsonl"]  # noqa: E731
+    out = [("sft-realistic", "realistic", [
+        ours("train_sft.py", ["--model-path", d, "--steps", str(n), "--batch-size", "4", "--micro-batch-size", "4",
+                              "--lr", "1e-3", "--warmup-steps", "50", *data("sft"), *ln, *common]),
+        trl("SFTTrainer", dict(tcfg, algo="sft", data=f"{d}/sft.jsonl", micro_batch_size=4, lr=1e-3,
+                               warmup_steps=50))], n)]
+    out.append(("dpo-realistic", "realistic", [
+        ours("dpo.py", ["--model-path", d, "--steps", str(n), "--batch-size", "2", "--micro-batch-size", "2",
+                        "--ref-on-the-fly", "--lr", "1e-4", "--warmup-steps", "10", "--beta", "0.1", *data("pairs"),
+                        *ln, *common]),
+        trl("DPOTrainer", dict(tcfg, algo="dpo", data=f"{d}/pairs.jsonl", micro_batch_size=2, lr=1e-4,
+                               warmup_steps=10, beta=0.1))], n))
+    p, k = 2, 2
+    rl = ["--model-path", d, "--steps", str(n), "--prompts-per-step", str(p), "--n-samples", str(k),
+          "--micro-batch-size", str(p * k), "--max-new-tokens", str(RESPONSE_LEN), "--lr", "1e-4",
+          "--reward-fn", "addition", *data("prompts"), *ln, *common]
+    rcfg = dict(tcfg, data=f"{d}/prompts.jsonl", micro_batch_size=p * k, n_samples=k, max_new_tokens=RESPONSE_LEN)
+    grpo_workers = [ours("grpo.py", rl + ["--beta", "0.04"])]
+    if importlib.util.find_spec("vllm") and "RolloutArgs" in (ROOT / "grpo.py").read_text():
+        grpo_workers.append(ours("grpo.py", rl + ["--beta", "0.04", "--rollout-backend", "vllm"]))
+        grpo_workers[-1].label = "ours:grpo.py+vllm"
+    out.append(("grpo-realistic", "realistic", grpo_workers + [trl("GRPOTrainer", dict(rcfg, algo="grpo", lr=1e-4,
+                                                                                       beta=0.04))], n))
+    out.append(("rloo-realistic", "realistic", [
+        ours("rloo.py", rl + ["--beta", "0.05"]),
+        trl("RLOOTrainer", dict(rcfg, algo="rloo", lr=1e-4, beta=0.05))], n))
     return out
 
 
@@ -360,6 +508,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated comparison names (e.g. grpo-14M,learn); default all")
     ap.add_argument("--out", default="", help="results directory (default runs/bench__<time>)")
     ap.add_argument("--quiet-load", type=float, default=1.5, help="wait for the 1-minute load average to drop below")
+    ap.add_argument("--realistic-layers", type=int, default=REALISTIC["num_hidden_layers"],
+                    help="layers of the realistic model (fewer: a fast check of its plumbing, not its figures)")
     ap.add_argument("--max-wait", type=float, default=None, help="total seconds to wait for a quiet machine, over the whole run (default 300; --quick 30)")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench__{time.strftime('%Y%m%d-%H%M%S')}")
@@ -367,24 +517,38 @@ def main():
     quiet = Quiet(a.quiet_load, a.max_wait if a.max_wait is not None else (30 if a.quick else 300))
     only = set(filter(None, a.only.split(",")))
     started = time.time()
-    tmp = tempfile.TemporaryDirectory(prefix="bench_big_")
-    n_big = build_big_model(Path(tmp.name))
-    print(f"[bench] 14M model: {n_big / 1e6:.2f}M parameters in {tmp.name}; results in {out}", flush=True)
-    tmp_vocab = tempfile.TemporaryDirectory(prefix="bench_v32k_")
-    n_vocab = build_big_model(Path(tmp_vocab.name), vocab_size=32000)
-    print(f"[bench] 26M-v32k model: {n_vocab / 1e6:.2f}M parameters in {tmp_vocab.name}", flush=True)
-    machine = machine_facts()
-    results = {"machine": machine, "quick": a.quick, "big_params": n_big, "comparisons": [], "learning": None}
+    def chosen(name, size):  # --quick leaves the realistic size out unless it is named
+        named = name in only or name.split("-")[0] in only or size in only
+        if size == "realistic" and a.quick:
+            return name in only or size in only
+        return not only or named
 
-    for name, size, workers, n in plan(tmp.name, a.quick, tmp_vocab.name):
-        if only and name not in only and name.split("-")[0] not in only:
+    wanted = {size for name, size, _, _ in plan("14M", a.quick, "v32k", "realistic") if chosen(name, size)}
+    dirs, results = {}, {"machine": machine_facts(), "quick": a.quick, "comparisons": [], "learning": None}
+    for size, build in (("14M", build_big_model), ("26M-v32k", lambda d: build_big_model(d, vocab_size=32000)),
+                        ("realistic", lambda d: build_realistic(d, a.realistic_layers))):
+        if size in wanted:
+            tmpdir = tempfile.TemporaryDirectory(prefix=f"bench_{size}_")
+            dirs[size] = tmpdir
+            n_params = build(Path(tmpdir.name))
+            results[f"params_{size}"] = n_params
+            print(f"[bench] {size} model: {n_params / 1e6:.2f}M parameters in {tmpdir.name}", flush=True)
+    print(f"[bench] results in {out}", flush=True)
+    path = {k: v.name for k, v in dirs.items()}
+
+    for name, size, workers, n in plan(path.get("14M", ""), a.quick, path.get("26M-v32k", ""),
+                                       path.get("realistic", "")):
+        if not chosen(name, size):
             continue
+        warmup = WARMUP_BY_SIZE.get(size, WARMUP)
         before = quiet.wait()
         t = time.time()
         run_group(name, workers, n, out)
-        summ = [summarize(w) for w in workers]
-        results["comparisons"].append({"name": name, "size": size, "steps": n, "load_before": before,
-                                       "load_after": load1(), "wall_s": time.time() - t, "workers": summ})
+        summ = [summarize(w, warmup) for w in workers]
+        results["comparisons"].append({"name": name, "size": size, "steps": n, "warmup": warmup,
+                                       "load_before": before, "load_after": load1(), "wall_s": time.time() - t,
+                                       "workers": summ})
+        results["rows"] = ratio_rows(results)
         line = "  ".join(f"{s['label']} {fmt(s.get('median_s'))} s/step" for s in summ)
         print(f"[bench] {name}: {line}  (load {before:.2f}, {time.time() - t:.0f} s)", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -396,6 +560,7 @@ def main():
         results["learning"] = {"steps": steps, "eval_every": every, "curves": curves}
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
+    results["rows"] = ratio_rows(results)
     results["total_wall_s"] = time.time() - started
     results["waited_for_quiet_s"] = quiet.waited
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -411,28 +576,33 @@ def render(r: dict) -> str:
              f"TRL {m.get('trl', '?')}; 1 torch thread per process. Total {r.get('total_wall_s', 0) / 60:.1f} min, "
              f"of which {r.get('waited_for_quiet_s', 0):.0f} s waiting for a quieter machine; the 1-minute load "
              f"average before each comparison is in the last column.", ""]
-    lines += ["| comparison | size | ours | s/step | vs | s/step | ratio | arithmetic ratio | work/step: opt steps, fwd "
-              "rows, sampled tokens (ours; other) | equal work | load |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| comparison | size | ours | s/step | vs | s/step | time ratio | arithmetic ratio | peak RSS MiB "
+              "(ours; other) | memory ratio | step rise MiB (ours; other) | work/step: opt steps, fwd rows, sampled "
+              "tokens (ours; other) | equal work | load |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def work(w):
         return (f"{w.get('optimizer_steps', 0):.0f}, {w.get('fwd_grad_rows', 0) + w.get('fwd_nograd_rows', 0):.0f}, "
                 f"{w.get('sampled_tokens', 0):.0f}")
 
-    for c in r["comparisons"]:
-        ws = c["workers"]
-        base = ws[-1]
-        for w in ws[:-1]:
-            ratio = w["median_s"] / base["median_s"] if w.get("median_s") and base.get("median_s") else None
-            eq = equal_work(w, base) if ratio else (w.get("failed") or base.get("failed") or "?")
-            if c["name"].startswith("internal"):
-                eq = "equal samples" if w.get("sampled_seqs") == base.get("sampled_seqs") else "NO: samples"
-            unseen = any(x.get("sampled_seqs", 0) and not x.get("decode_positions", 0) for x in (w, base))  # vLLM
-            arith = arithmetic(w) / arithmetic(base) if ratio and arithmetic(base) and not unseen else None
-            lines.append(f"| {c['name']} | {c['size']} | {w['label'].split(':')[1]} | {fmt(w.get('median_s'))} | "
-                         f"{base['label']} | {fmt(base.get('median_s'))} | {fmt(ratio, 2)} | {fmt(arith, 2)} | "
-                         f"{work(w)}; {work(base)} | {eq} | "
-                         f"{c['load_before']:.1f} |")
+    labels = {(c["name"], w["label"]): w for c in r["comparisons"] for w in c["workers"]}
+    for row in r.get("rows") or ratio_rows(r):
+        w, base = labels[(row["comparison"], row["ours"])], labels[(row["comparison"], row["other"])]
+        lines.append(f"| {row['name']} | {row['size']} | {row['ours'].split(':')[1]} | {fmt(row['ours_s'])} | "
+                     f"{row['other']} | {fmt(row['other_s'])} | {fmt(row['time_ratio'], 2)} | "
+                     f"{fmt(row['arithmetic_ratio'], 2)} | {fmt(row['ours_peak_mb'], 0)}; {fmt(row['other_peak_mb'], 0)} | "
+                     f"{fmt(row['memory_ratio'], 2)} | {fmt(row['ours_step_delta_mb'], 0)}; "
+                     f"{fmt(row['other_step_delta_mb'], 0)} | {work(w)}; {work(base)} | {row['equal_work']} | "
+                     f"{row['load']:.1f} |")
+    roll = [row for row in r.get("rows") or ratio_rows(r) if row["ours_rollout_tokens_per_s"]]
+    if roll:
+        lines += ["", "Rollout tokens/s (sampled tokens / time in generation, per timed step; the weight push to vLLM "
+                  "is not generation: it is in our scripts' time/weight_sync):", "",
+                  "| comparison | ours | tokens/s | vs | tokens/s | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in roll:
+            lines.append(f"| {row['name']} | {row['ours'].split(':')[1]} | {fmt(row['ours_rollout_tokens_per_s'], 0)} | "
+                         f"{row['other']} | {fmt(row['other_rollout_tokens_per_s'], 0)} | "
+                         f"{fmt(row['rollout_tokens_per_s_ratio'], 2)} |")
     lines += ["", "Work per timed step (mean), counted by the same hooks on both sides:", "",
               "| comparison | side | " + " | ".join(n for _, n in WORK_KEYS) + " |",
               "| --- | --- | " + " | ".join("---" for _ in WORK_KEYS) + " |"]

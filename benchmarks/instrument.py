@@ -8,6 +8,9 @@ is measured rather than assumed. Everything hooks shared lower layers both frame
     torch.autograd.backward                 backward passes and their wall time
     torch.optim.Optimizer.step (global hook) optimizer steps and their wall time
     reward functions                        calls and wall time (wrapped by the runners: `timed_reward`)
+    the process's resident memory (Linux)   `memory()`: RSS when the step's turn began and the peak RSS since then
+                                            (the kernel's high-water mark, reset at every turn through
+                                            /proc/self/clear_refs), the same reading in both frameworks' processes
 
 `snapshot()` returns the running totals; a runner records one at the end of every training step, and per-step work is
 the difference of consecutive snapshots.
@@ -25,6 +28,48 @@ _state = {"in_generate": 0, "eos_id": None, "opt_t0": None}
 
 def snapshot() -> dict:
     return {"t": time.perf_counter(), **COUNTS}
+
+
+def _status_kb(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: the peak since the last reset)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak() -> float:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS; returns that RSS in MiB. Writing 5 to
+    /proc/self/clear_refs resets the peak (Linux >= 4.0); where that is refused the peak is the process's lifetime
+    peak, which `memory()` then says."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _state["peak_reset"] = True
+    except OSError:
+        _state["peak_reset"] = False
+    _state["rss_go_mb"] = _status_kb("VmRSS") / 1024
+    if torch.cuda.is_available():  # and the GPU allocator's peak (benchmarks/gpu.sh)
+        torch.cuda.reset_peak_memory_stats()
+    return _state["rss_go_mb"]
+
+
+def memory() -> dict:
+    """This step's memory: RSS at its turn's start and the peak RSS since then, MiB (call at the step's end)."""
+    out = {"rss_go_mb": _state.get("rss_go_mb"), "peak_mb": _status_kb("VmHWM") / 1024,
+           "rss_end_mb": _status_kb("VmRSS") / 1024, "peak_reset": _state.get("peak_reset", False)}
+    if torch.cuda.is_available():
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _sync():
+    """On a GPU, wait for queued kernels so that a phase's wall time is its own (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def diff(a: dict, b: dict) -> dict:
@@ -76,6 +121,7 @@ def install(eos_id: int = 1):
     _state["installed"], _state["eos_id"] = True, eos_id
     from transformers import GenerationMixin
     from transformers.models.llama.modeling_llama import LlamaModel
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
     generate = GenerationMixin.generate
 
@@ -103,13 +149,17 @@ def install(eos_id: int = 1):
 
     GenerationMixin.generate = counted_generate
 
-    backbone = LlamaModel.forward
+    def counted(backbone):  # one hook per backbone class (Llama: the CPU benchmark; Qwen2: benchmarks/gpu.sh)
+        @functools.wraps(backbone)
+        def counted_backbone(self, input_ids=None, *args, **kwargs):
+            _sync()
+            t = time.perf_counter()
+            out = backbone(self, input_ids, *args, **kwargs)
+            _sync()
+            return _count_backbone(out, time.perf_counter() - t, input_ids, kwargs)
+        return counted_backbone
 
-    @functools.wraps(backbone)
-    def counted_backbone(self, input_ids=None, *args, **kwargs):
-        t = time.perf_counter()
-        out = backbone(self, input_ids, *args, **kwargs)
-        dt = time.perf_counter() - t
+    def _count_backbone(out, dt, input_ids, kwargs):
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if _state["in_generate"]:
             COUNTS["decode_forwards"] += 1
@@ -127,25 +177,30 @@ def install(eos_id: int = 1):
         COUNTS[f"{kind}_s"] += dt
         return out
 
-    LlamaModel.forward = counted_backbone
+    LlamaModel.forward = counted(LlamaModel.forward)
+    Qwen2Model.forward = counted(Qwen2Model.forward)
 
     autograd_backward = torch.autograd.backward
 
     @functools.wraps(autograd_backward)
     def counted_backward(*args, **kwargs):
+        _sync()
         t = time.perf_counter()
         try:
             return autograd_backward(*args, **kwargs)
         finally:
+            _sync()
             COUNTS["backward_calls"] += 1
             COUNTS["backward_s"] += time.perf_counter() - t
 
     torch.autograd.backward = counted_backward
 
     def pre(opt, args, kwargs):
+        _sync()
         _state["opt_t0"] = time.perf_counter()
 
     def post(opt, args, kwargs):
+        _sync()
         COUNTS["optimizer_steps"] += 1
         COUNTS["optimizer_s"] += time.perf_counter() - (_state["opt_t0"] or time.perf_counter())
 
@@ -219,5 +274,6 @@ class Gate:
                 line += chunk
             if line.strip() != b"go":
                 self.free = True
+        reset_peak()  # the step's peak memory is measured from its turn's start (before the clock: not timed)
         self.t_go = time.perf_counter()
         return self.t_go

@@ -92,6 +92,7 @@ def main():
         log(self, step, metrics, show)
         snap = instrument.snapshot()
         steps.append({"step": step, "t_go": captured["t_go"], "t_end": snap.pop("t"), "counts": snap,
+                      "mem": instrument.memory(),
                       "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}})
         if a.learn_eval_every and step % a.learn_eval_every == 0:
             t = time.perf_counter()

@@ -29,22 +29,30 @@ import torch  # noqa: E402
 import instrument  # noqa: E402
 
 
-def datasets_for(algo: str):
-    """The built-in addition task's train rows, in the column layout each TRL trainer expects."""
+def datasets_for(algo: str, data: str = ""):
+    """The built-in addition task's train rows, in the column layout each TRL trainer expects; with `data`, the rows
+    of that jsonl file instead (the file our script is given: prompt + response, prompt + chosen + rejected, or
+    prompt + answer)."""
     from datasets import Dataset
 
     from shared import tasks
 
     task = tasks.get("addition")
+
+    def rows_of(kind):
+        if data:
+            return [json.loads(line) for line in Path(data).read_text().splitlines() if line.strip()]
+        return task.rows(kind, "train")
+
     if algo == "sft":
-        rows = [{"prompt": r["prompt"], "completion": r["response"]} for r in task.rows("sft", "train")]
+        rows = [{"prompt": r["prompt"], "completion": r["response"]} for r in rows_of("sft")]
     elif algo in ("rm", "dpo"):
-        rows = task.rows("pair", "train")
+        rows = rows_of("pair")
     elif algo == "kto":  # each pair split into a desirable and an undesirable example, adjacent (as kto.py does)
         rows = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
-                for r in task.rows("pair", "train") for k in ("chosen", "rejected")]
+                for r in rows_of("pair") for k in ("chosen", "rejected")]
     else:  # grpo, rloo: prompts and the answer column the exact-match reward reads
-        rows = task.rows("prompt", "train")
+        rows = rows_of("prompt")
     return Dataset.from_list(rows)
 
 
@@ -86,7 +94,7 @@ def main():
         lr_scheduler_type="linear" if cfg.get("lr_decay") else
         ("constant_with_warmup" if cfg.get("warmup_steps") else "constant"),
         per_device_train_batch_size=cfg["micro_batch_size"], gradient_accumulation_steps=cfg["grad_accum"])
-    train = datasets_for(algo)
+    train = datasets_for(algo, cfg.get("data", ""))
     kind = AutoModelForSequenceClassification if algo == "rm" else AutoModelForCausalLM
     model = kind.from_pretrained(model_dir, **({"num_labels": 1} if algo == "rm" else {}), dtype=torch.float32)
     rl = dict(num_generations=cfg.get("n_samples"), max_completion_length=cfg.get("max_new_tokens"),
@@ -130,7 +138,8 @@ def main():
 
         def on_step_end(self, args, state, control, **kw):
             snap = instrument.snapshot()
-            steps.append({"step": state.global_step, "t_go": marks["t_go"], "t_end": snap.pop("t"), "counts": snap})
+            steps.append({"step": state.global_step, "t_go": marks["t_go"], "t_end": snap.pop("t"), "counts": snap,
+                          "mem": instrument.memory()})
             if learn_every and state.global_step % learn_every == 0:
                 t = time.perf_counter()
                 acc = instrument.greedy_accuracy(trainer.accelerator.unwrap_model(trainer.model), tok, eval_rows)

@@ -1,6 +1,14 @@
 """Flags every script shares. A script's `Args` inherits these and adds its own; tyro turns each field's
 docstring into its `--help` line."""
+import ast
+import dataclasses
+import functools
+import inspect
+import sys
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
 
 @dataclass
@@ -14,7 +22,8 @@ class RunArgs:
     resume: bool = False
     """continue the run in --output-dir from its newest whole checkpoint (exactly: weights, optimizer, RNG and data
     position), with the same number of ranks. Give the run's flags again: only --steps (longer; not with
-    --lr-decay), --save-every, --stop-after, --eval-every, --track, --wandb-project and the spelling of --output-dir
+    --lr-decay), --save-every, --stop-after, --eval-every, --log-every, --track, --wandb-project and the spelling of
+    --output-dir
     may change; any other change (--lr, --batch-size, --model-path, --zero-stage...) alters the training and is
     refused. args.json keeps the flags the run started with; each resume appends its step and changed flags to
     resumes.jsonl"""
@@ -27,6 +36,14 @@ class RunArgs:
     May change on --resume"""
     seed: int = 1
     """random seed (each rank uses seed + rank)"""
+    defaults: str = "auto"
+    """which defaults apply to the flags you do not give: pretrained (the papers' and peers' values for real models,
+    shown in this help), embedded (tuned for the 0.8M demo model; listed at the top of this help), or auto: embedded
+    when --model-path is the demo model or was trained from it (its character tokenizer), else pretrained. The
+    resolved values are recorded in args.json"""
+    log_every: int = 0
+    """print a metrics line every N steps (a progress bar runs in between); 0: about 20 lines per run. May change on
+    --resume"""
     track: bool = False
     """log to Weights & Biases (offline unless you are logged in; set WANDB_MODE=online to force). May change on
     --resume"""
@@ -64,6 +81,11 @@ class DataArgs:
     """split of --eval-dataset to evaluate on (hub datasets and dataset directories)"""
     eval_size: int = 500
     """held-out rows: how many to split off --dataset when there is no --eval-dataset, and the cap on eval rows"""
+    eval_reward_fn: str = ""
+    """the task score: `module:function` (called like --reward-fn: prompts=, responses= and the held-out rows'
+    extra columns as keyword lists; one float per response) applied to greedy responses to the held-out prompts
+    before and after training (and every --eval-every steps), logged as eval/task_score. Default: the built-in task's
+    checker on a built-in task; in the RL scripts, the --reward-fn rule rewards; otherwise none"""
     prompt_column: str = "prompt"
     """column holding the prompt (a string, or a list of chat messages)"""
     response_column: str = "response"
@@ -123,3 +145,70 @@ class RolloutArgs:
     vllm_sleep: bool = False
     """GPU: put vLLM to sleep (level 2: weights and KV cache freed) after each rollout while the policy trains; the
     weight push wakes it. Ignored on CPU, where vLLM has no sleep mode"""
+
+
+@dataclass
+class LoraArgs:
+    lora_rank: int = 0
+    """LoRA (peft): rank of the adapters put on the trained model (policy, critic, reward model); only the adapters
+    (and a score head) are trained. 0: full fine-tuning. The reference is then the policy with its adapters off"""
+    lora_alpha: int = 16
+    """LoRA scaling: the adapter adds (lora_alpha / lora_rank) B @ A to each weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (the RL and preference scripts switch all dropout off)"""
+    lora_target_modules: str = "all-linear"
+    """modules that get adapters: all-linear (every linear layer but the LM head and score head: the attention and MLP
+    projections of any architecture, GPT-2's Conv1D included) or comma-separated names, e.g. q_proj,v_proj"""
+    lora_path: str = ""
+    """start from this adapter (peft directory, e.g. <output-dir>/adapter of an earlier run; its rank, alpha and
+    targets apply) on top of --model-path; the reference is then base + this adapter, loaded as a frozen copy"""
+    save_adapter_only: bool = False
+    """with LoRA, export only the adapter (<output-dir>/adapter) and the tokenizer, not the merged full model"""
+    load_in_4bit: bool = False
+    """QLoRA: the base weights in 4-bit NF4 (bitsandbytes; CUDA GPU only, ZeRO 0-2), the adapters in bf16"""
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+GROUPS = (("run", RunArgs), ("data", DataArgs), ("rewards", RewardArgs), ("rollout", RolloutArgs), ("lora", LoraArgs))
+
+
+@functools.cache
+def docstrings(cls) -> dict:
+    """{field: its docstring on one line} for a dataclass and its bases (the string under each field)."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                out[a.target.id] = " ".join(str(b.value.value).split())
+    return out
+
+
+def parse(args_cls, default, description: str):
+    """tyro over `args_cls` with the defaults of the instance `default`, its --help in the order a user reads it: the
+    script's own flags first, then the shared groups (run, data, rewards, rollout, lora), each titled, each help text
+    one paragraph. Flags stay flat (--lr, --seed); returns an `args_cls`."""
+    import tyro
+
+    docs, own = docstrings(args_cls), list(args_cls.__dict__.get("__annotations__", {}))
+    all_fields, by_name = dataclasses.fields(args_cls), {f.name: f for f in dataclasses.fields(args_cls)}
+    script = Path(getattr(sys.modules[args_cls.__module__], "__file__", "script")).stem
+    groups = [(script, [by_name[n] for n in own])]
+    for name, base in GROUPS:
+        if issubclass(args_cls, base):
+            names = {f.name for f in dataclasses.fields(base)} - set(own)
+            groups.append((name, [f for f in all_fields if f.name in names]))
+    outer = []
+    for title, fs in groups:
+        values = {f.name: getattr(default, f.name) for f in fs}
+        inner = dataclasses.make_dataclass(title, [
+            (f.name, Annotated[f.type, tyro.conf.arg(help=docs.get(f.name, ""))], dataclasses.field(default=values[f.name]))
+            for f in fs])
+        outer.append((title, Annotated[inner, tyro.conf.OmitArgPrefixes],
+                      dataclasses.field(default_factory=functools.partial(inner, **values))))
+    parsed = tyro.cli(dataclasses.make_dataclass(args_cls.__name__, outer), description=description)
+    return args_cls(**{k: v for title, _, _ in outer for k, v in vars(getattr(parsed, title)).items()})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shared import tasks
+from shared import dist, tasks
 from shared.dist import UserError
 
 KINDS = {  # kind -> the columns its rows need (besides the prompt)
@@ -57,7 +57,10 @@ def load_table(spec: str, split: str, kind: str) -> list[dict]:
     """Rows (dicts) of a built-in task, a local file or directory, or a hub dataset."""
     if spec in tasks.TASKS:
         return tasks.get(spec).rows(kind, "test" if split in ("test", "validation", "eval") else "train")
-    import datasets
+    try:
+        import datasets
+    except ImportError:  # json/jsonl/csv files are read without it (a bare GPU machine may not have it)
+        datasets = None
 
     path = Path(spec).expanduser()
     try:
@@ -136,15 +139,35 @@ def train_eval_rows(args, kind: str) -> tuple[list[dict], list[dict]]:
     rows = load_table(args.dataset, args.dataset_split, kind)
     if args.eval_dataset:
         eval_rows = load_table(args.eval_dataset, args.eval_split, kind)
+        source = f"--eval-dataset {args.eval_dataset}"
     elif args.dataset in tasks.TASKS:
         eval_rows = load_table(args.dataset, "test", kind)
+        source = f"the {args.dataset} task's test split"
     else:  # (each row keeps its place in the file for error messages: `Row`)
         random.Random(0).shuffle(rows)
         n_eval = min(args.eval_size, len(rows) // 10)
         eval_rows, rows = rows[:n_eval], rows[n_eval:]
+        source = "split off --dataset (10%, at most --eval-size; give --eval-dataset to choose them)"
     if not rows:
         raise UserError(f"dataset {args.dataset} has no rows; check the file or --dataset-split")
+    dist.say(f"[data] {len(rows)} train rows; held-out: {min(len(eval_rows), args.eval_size)} rows, {source}")
     return rows, eval_rows[: args.eval_size]
+
+
+def eval_prompts(args, eval_rows: list[dict], tok, log=print) -> list[dict]:
+    """The held-out prompts of eval/task_score, {prompt_ids, prompt, extras}, each prompt once: the built-in task's
+    test problems (with their answers), or the held-out rows of any kind (their extra columns as extras)."""
+    if args.dataset in tasks.TASKS and not args.eval_dataset:
+        eval_rows = tasks.get(args.dataset).rows("prompt", "test")[: args.eval_size]
+    if not eval_rows:
+        return []
+    seen, unique = set(), []
+    for ex in tokenize(eval_rows, tok, "prompt", args, "eval", log):
+        key = json.dumps(ex["prompt"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(ex)
+    return unique
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -182,12 +205,15 @@ def normalise(rows: list[dict], kind: str, args) -> list[dict]:
     use_messages = args.prompt_column not in first and args.messages_column in first
     for i, row in enumerate(rows):
         ex = {}
-        if kind == "pair" and args.prompt_column not in row and args.chosen_column in row:  # two full conversations
-            p1, ex["chosen"] = _split_conversation(row[args.chosen_column], i, args.chosen_column, row)
-            p2, ex["rejected"] = _split_conversation(_field(row, i, args.rejected_column, "rejected-column"), i,
-                                                     args.rejected_column, row)
-            if p1 != p2:
-                raise UserError(f"{_at(row, i)}: the chosen and rejected conversations differ before the last message")
+        if kind in ("pair", "prompt") and args.prompt_column not in row and args.chosen_column in row:
+            p1, chosen = _split_conversation(row[args.chosen_column], i, args.chosen_column, row)  # two conversations
+            if kind == "pair":
+                p2, ex["rejected"] = _split_conversation(_field(row, i, args.rejected_column, "rejected-column"), i,
+                                                         args.rejected_column, row)
+                if p1 != p2:
+                    raise UserError(f"{_at(row, i)}: the chosen and rejected conversations differ before the last "
+                                    f"message")
+                ex["chosen"] = chosen
             ex["prompt"] = p1
         elif use_messages and kind != "pair":
             ex["prompt"], response = _split_conversation(
@@ -238,14 +264,43 @@ def encode_response(tok, response: str) -> list[int]:
     return ids + [tok.eos_token_id]
 
 
+def encode_conversation(tok, conversation: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of a whole conversation for --assistant-turns all: 1 on every assistant message's content
+    and its EOS (the end-of-turn token), 0 on what the template adds (roles, the other turns, a newline after an end of
+    turn). Built turn by turn: the template's rendering of the conversation before each assistant message (with the
+    generation prompt, as encode_prompt), which must begin with the tokens so far, then that message as
+    encode_response makes it (content + one EOS), exactly what a single-turn example trains on."""
+    ids, mask = [], []
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        prefix = encode_prompt(tok, conversation[:i])
+        if prefix[: len(ids)] != ids:
+            raise UserError("--assistant-turns all: the tokenizer's chat template (or the plain template, when it has "
+                            "none) does not render an earlier assistant turn as its content followed by the EOS "
+                            f"{tok.eos_token!r}; use --assistant-turns last")
+        response = encode_response(tok, message["content"])
+        mask += [0] * (len(prefix) - len(ids)) + [1] * len(response)
+        ids = prefix + response
+    return ids, mask
+
+
 def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=print) -> list[dict]:
-    """Normalise and tokenize rows. Examples: sft/unpaired {input_ids, prompt_len[, label]};
+    """Normalise and tokenize rows. Examples: sft/unpaired {input_ids, prompt_len[, label]} (sft with
+    --assistant-turns all on a conversation: also loss_mask, 1 per trained token of input_ids[prompt_len:]);
     pair {chosen_ids, rejected_ids, prompt_len}; prompt {prompt_ids, prompt, extras}."""
     if args.overlong not in ("truncate", "skip"):
         raise UserError(f"--overlong must be 'truncate' or 'skip', got '{args.overlong}'")
-    examples, n_cut, n_skip = [], 0, 0
-    for ex in normalise(rows, kind, args):
+    all_turns = kind == "sft" and getattr(args, "assistant_turns", "last") == "all"
+    if getattr(args, "assistant_turns", "last") not in ("all", "last"):
+        raise UserError(f"--assistant-turns must be all or last, got '{args.assistant_turns}'")
+    examples, n_cut, n_skip, unknown = [], 0, 0, []
+    for i, ex in enumerate(normalise(rows, kind, args)):
         prompt_ids = encode_prompt(tok, ex["prompt"])
+        texts = [ex[k] for k in ("prompt", "response", "chosen", "rejected") if isinstance(ex.get(k), str)]
+        if tok.unk_token_id is not None and any(tok.unk_token_id in tok(t, add_special_tokens=False)["input_ids"]
+                                                for t in texts):
+            unknown.append((i, texts))
         if kind == "prompt":
             if len(prompt_ids) > args.max_len:  # skipped, never cut: either end of a templated prompt is structure
                 n_skip += 1  # (the chat template's head `<|im_start|>system...`, its generation prompt at the end)
@@ -253,6 +308,10 @@ def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=pr
             examples.append({"prompt_ids": prompt_ids, "prompt": ex["prompt"], "extras": ex["extras"]})
             continue
         seqs = {k: prompt_ids + encode_response(tok, ex[k]) for k in ("response", "chosen", "rejected") if k in ex}
+        turns = None
+        if all_turns and _is_messages(ex["prompt"]):  # the loss on every assistant turn, not only the last
+            ids, turns = encode_conversation(tok, ex["prompt"] + [{"role": "assistant", "content": ex["response"]}])
+            prompt_ids, seqs = ids[: turns.index(1)], {"response": ids}
         if any(len(s) > args.max_len for s in seqs.values()):
             if args.overlong == "skip" or len(prompt_ids) >= args.max_len:
                 n_skip += 1
@@ -262,13 +321,31 @@ def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=pr
             examples.append({"chosen_ids": seqs["chosen"], "rejected_ids": seqs["rejected"], "prompt_len": len(prompt_ids)})
         else:
             examples.append({"input_ids": seqs["response"], "prompt_len": len(prompt_ids), **(
-                {"label": ex["label"]} if kind == "unpaired" else {})})
+                {"label": ex["label"]} if kind == "unpaired" else {}), **(
+                {"loss_mask": turns[len(prompt_ids): len(seqs["response"])]} if turns else {})})
+    if unknown:
+        _report_unknown(unknown, rows, tok, what, log)
     if n_cut or n_skip:
         log(f"[data] {what}: {n_cut} examples over --max-len {args.max_len} truncated, {n_skip} skipped")
     if not examples:
         raise UserError(f"no {what} examples left after filtering (all {len(rows)} over --max-len {args.max_len}?); "
                         f"raise --max-len or use --overlong truncate")
     return examples
+
+
+def _report_unknown(unknown: list, rows: list, tok, what: str, log):
+    """Text the tokenizer turns into its unknown token: an error for the embedded demo tokenizer (printable ASCII
+    only: `3×4=` would silently train as `3<unk>4=`), a warning with the count and the first example otherwise."""
+    from shared import engine
+
+    i, texts = unknown[0]
+    chars = sorted({c for t in texts for c in t if tok(c, add_special_tokens=False)["input_ids"] == [tok.unk_token_id]})
+    first = f"first {_at(rows[i], i)}: characters {''.join(chars)!r}" if chars else f"first {_at(rows[i], i)}"
+    problem = f"{len(unknown)} {what} examples hold text the tokenizer turns into {tok.unk_token} ({first})"
+    if engine.is_embedded_tokenizer(tok):
+        raise UserError(f"{problem}; the embedded demo model's character tokenizer knows printable ASCII only: "
+                        f"replace those characters or give your own --model-path")
+    log(f"[data] warning: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -331,8 +408,14 @@ class Sampler:
         return idx[ctx.rank * per: (ctx.rank + 1) * per]
 
 
-def check_batch_sizes(batch_size: int, micro_batch_size: int, world: int, name: str = "--batch-size"):
-    """Raise a UserError unless batch = micro * grad_accum * world for a whole grad_accum; return grad_accum."""
+def check_batch_sizes(batch_size: int, args, world: int, name: str = "--batch-size"):
+    """Raise a UserError unless batch = micro * grad_accum * world for a whole grad_accum; return grad_accum. A
+    --micro-batch-size (a memory limit) above the per-rank batch is lowered to it, with one line."""
+    if world > 0 and 0 < batch_size // world < args.micro_batch_size:
+        dist.say(f"[data] --micro-batch-size {args.micro_batch_size} is more than the {batch_size // world} "
+                 f"{name.lstrip('-').replace('-', ' ')} per rank: using {batch_size // world}")
+        args.micro_batch_size = batch_size // world
+    micro_batch_size = args.micro_batch_size
     if micro_batch_size <= 0 or batch_size <= 0 or batch_size % (micro_batch_size * world):
         raise UserError(f"{name} {batch_size} must be a positive multiple of --micro-batch-size {micro_batch_size} "
                         f"x {world} ranks; change one of them")

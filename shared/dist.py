@@ -19,15 +19,45 @@ class Diverged(RuntimeError):
     """A NaN or inf in a reward, loss or gradient: the run stops (exit code 3); checkpoints already written stay."""
 
 
-def cli(main, args_cls):
-    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2. SIGTERM and
-    SIGINT stop the run at the end of the current step with a checkpoint (`stop_signal`), exit code 128 + signal."""
-    import tyro
+def say(*a):
+    """print on rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*a, flush=True)
 
-    args = tyro.cli(args_cls)
+
+def cli(main, args_cls, embedded: dict | None = None):
+    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2. SIGTERM and
+    SIGINT stop the run at the end of the current step with a checkpoint (`stop_signal`), exit code 128 + signal.
+
+    Two columns of defaults: the dataclass holds the values for pretrained models; `embedded` those tuned for the
+    0.8M demo model. `--defaults auto` takes the embedded column when --model-path is the demo model or was trained
+    from it. With --lora-rank the learning rates are 10x the column's. Flags given on the command line always win
+    (tyro parses them again over the resolved defaults)."""
+    import dataclasses
+
+    from shared import args as flags, engine, tasks
+
+    note = ("\n\nDefaults on the embedded demo model (--defaults embedded; auto picks them for it): "
+            + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in embedded.items())) if embedded else ""
+    description = (sys.modules[main.__module__].__doc__ or "") + note
+    args = flags.parse(args_cls, args_cls(), description)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, _on_signal)
     try:
+        if args.defaults not in ("auto", "pretrained", "embedded"):
+            raise UserError(f"--defaults must be auto, pretrained or embedded, got {args.defaults}")
+        column = args.defaults if args.defaults != "auto" else (
+            "embedded" if embedded and engine.is_embedded(args.model_path) else "pretrained")
+        base = dataclasses.replace(args_cls(), **(embedded if column == "embedded" and embedded else {}))
+        if getattr(args, "lora_rank", 0) > 0:  # LoRA learns best at ~10x the full fine-tuning rate (LoRA Without Regret)
+            base = dataclasses.replace(base, **{k: float(f"{10 * getattr(base, k):.6g}") for k in ("lr", "critic_lr")
+                                                    if hasattr(base, k)})
+        if base != args_cls():
+            args = flags.parse(args_cls, base, description)
+        args.defaults = column
+        if embedded and args.model_path == args_cls().model_path and args.dataset not in tasks.TASKS:
+            say(f"[warning] --model-path is the embedded 0.8M demo model ({args.model_path}), trained on the built-in "
+                f"task only; on your own data give your model with --model-path")
         main(args)
     except (UserError, Diverged) as e:
         if os.environ.get("RANK", "0") == "0":

@@ -22,14 +22,34 @@ TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_att
             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
 
 
+CHAR_VOCAB = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "\n": 3, **{chr(i): i - 28 for i in range(32, 127)}}
+
+
+def is_embedded_tokenizer(tok) -> bool:
+    """The demo models' character tokenizer (assets/tokenizer): a model that uses it is the embedded demo model or
+    was trained from it."""
+    return len(tok) == len(CHAR_VOCAB) and tok.get_vocab() == CHAR_VOCAB
+
+
+def is_embedded(path: str) -> bool:
+    """Whether --model-path is the embedded demo model or one trained from it (its tokenizer is the character
+    tokenizer): the test of `--defaults auto`. Reads only tokenizer.json; hub names and other models are not."""
+    if path == "tiny":
+        return True
+    try:
+        vocab = json.loads((Path(path).expanduser() / "tokenizer.json").read_text())["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return vocab == CHAR_VOCAB
+
+
 def build_char_tokenizer():
     """The committed default tokenizer (assets/tokenizer): one token per printable ASCII character and newline,
     plus <pad>, <eos>, <unk>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "\n": 3, **{chr(i): i - 28 for i in range(32, 127)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t = Tokenizer(models.WordLevel(CHAR_VOCAB, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     t.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -113,11 +133,36 @@ def disable_dropout(model):
             m.p = 0.0
         for k in [k for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]:
             setattr(m, k, 0.0)
+    model.dropout_off = True  # (LoRA adapters added later switch theirs off too)
     return model
 
 
 def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-path", seed: int = 0,
-               dropout: bool = False, trained_head: bool = False):
+               dropout: bool = False, trained_head: bool = False, lora: str = ""):
+    """`_load_model`, then with --lora-rank or --lora-path (shared/lora.py): lora="train" for the model a script
+    trains (LoRA adapters injected, --lora-path's or new ones; only they, and a score head, train), "new" for another
+    trained model (ppo_max's critic: new adapters of --lora-rank, if > 0), "start" for a frozen copy of the starting
+    model (--lora-path's adapter applied, frozen). Prints what it loaded: parameters, trainable ones."""
+    from shared import lora as lora_
+
+    if lora:
+        lora_.check_args(args, ctx)
+    on = bool(lora) and (args.lora_rank > 0 if lora == "new" else lora_.enabled(args))
+    model = _load_model(path, args, ctx, kind, flag, seed, dropout, trained_head, lora_.quantization(args) if on else {})
+    if on:
+        model = lora_.apply(model, args, kind, trainable=lora != "start", from_path=lora != "new")
+    trainable, total = lora_.count(model)
+    if ctx.main:
+        what = f"{'causal LM' if kind == 'causal' else 'score model'}, {total:,} parameters"
+        if lora in ("train", "new"):
+            what += f", {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%" + (
+                ", LoRA adapters)" if lora_.is_lora(model) else ")")
+        print(f"[model] loaded {flag} {path}: {what}", flush=True)
+    return model
+
+
+def _load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-path", seed: int = 0,
+                dropout: bool = False, trained_head: bool = False, quant: dict | None = None):
     """A causal LM (kind='causal') or a scalar-head model (kind='score': reward model or critic). With ZeRO-3 the
     parameters are built sharded. `path='tiny'` builds the tiny default policy from its config in code. Dropout is
     switched off unless `dropout` (train_sft.py keeps the model's own).
@@ -150,7 +195,7 @@ def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-
         config.pad_token_id = None  # ZeRO-3 construction fails on the padding row; padding is masked anyway
         if kind == "causal":
             model = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=dtype(args, ctx),
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code, **(quant or {}))
             return model if dropout else disable_dropout(model)
         held = []  # transformers' load report (a warning), kept back until we know whether it says anything unexpected
 
@@ -165,7 +210,7 @@ def load_model(path: str, args, ctx, kind: str = "causal", flag: str = "--model-
         log.addFilter(hold)
         try:
             model, info = _hf_load(auto.from_pretrained, path, flag, config=config, dtype=dtype(args, ctx),
-                                   trust_remote_code=args.trust_remote_code, output_loading_info=True)
+                                   trust_remote_code=args.trust_remote_code, output_loading_info=True, **(quant or {}))
         finally:
             log.removeFilter(hold)
         base = model.base_model_prefix + "."
@@ -290,6 +335,8 @@ def wrap_trainable(model, args, ctx, lr: float, micro_batch_size: int, grad_accu
 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if "lora" in vars(model):  # frozen embeddings: the checkpointed blocks' inputs must carry grad (as peft asks)
+            model.enable_input_require_grads()
 
     def schedule(step):
         warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0
@@ -335,8 +382,8 @@ def gathered(model):
 
 # On --resume these flags may differ from the run's args.json: they do not change what it trains (RunArgs.resume
 # lists them). --steps only without --lr-decay, whose schedule spans the steps. Any other change is refused.
-RESUME_MAY_CHANGE = ("steps", "save_every", "stop_after", "eval_every", "track", "wandb_project", "output_dir",
-                     "resume", "overwrite", "local_rank")
+RESUME_MAY_CHANGE = ("steps", "save_every", "stop_after", "eval_every", "log_every", "track", "wandb_project",
+                     "output_dir", "resume", "overwrite", "local_rank")
 COMPLETE = "COMPLETE"  # written last into checkpoint.tmp: the checkpoint is whole
 _faults = {}
 
@@ -525,15 +572,19 @@ def prepare_output_dir(args, ctx, script: str) -> Path:
 def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
     """Save the full model (gathered under ZeRO-3) and tokenizer in HF format. Into a new directory through a
     temporary name and a rename; into an existing directory file by file, each replaced atomically. The temporary
-    directory, .<name>.export.tmp, lies inside the run directory: --resume deletes one a kill left."""
-    import deepspeed
+    directory, .<name>.export.tmp, lies inside the run directory: --resume deletes one a kill left.
+    A LoRA model: the merged full model (each weight W + scaling B @ A, computed beside the trained copy) as above,
+    and the adapter in peft format in <path>/adapter; with --save-adapter-only the adapter and the tokenizer only."""
+    from shared import lora
 
     model = getattr(model, "module", model)
+    info = vars(model).get("lora")
+    adapter = lora.adapter_weights(model) if info else None  # (gathered under ZeRO-3: every rank takes part)
     state = {}
-    for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+    if not (info and info.adapter_only):
+        for name, tensor in lora.merged_weights(model):
             if ctx.main:
-                state[name] = p.detach().cpu().clone()
+                state[name] = tensor.cpu()
     if ctx.main:
         path = Path(path)
         tmp = (path if path.exists() else path.parent) / f".{path.name}.export.tmp"  # inside the run directory
@@ -541,12 +592,17 @@ def export_hf(model, tok, path: Path, ctx, config_updates: dict | None = None):
         model.config.pad_token_id = tok.pad_token_id
         for k, v in (config_updates or {}).items():
             setattr(model.config, k, v)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if state:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if adapter is not None:
+            lora.save_adapter(model, {k: v.cpu() for k, v in adapter.items()}, tmp / "adapter")
         model.config.pad_token_id = None
         tok.save_pretrained(tmp)
         _fault("export-tmp")
         if path.exists():
             for f in list(tmp.iterdir()):
+                if f.is_dir() and (path / f.name).is_dir():  # adapter/ of an earlier export
+                    shutil.rmtree(path / f.name)
                 os.replace(f, path / f.name)
                 _fault("export-partial")
             tmp.rmdir()

@@ -151,9 +151,14 @@ class Reward:
     before anything is written; `Diverged` (exit 3) once training has started. `step`: the training step being scored
     (the message names it; without it, an evaluation after the last step given)."""
 
-    def __init__(self, sources, weights):
-        self.sources, self.weights = sources, weights  # sources: (name, who, fn, user code?)
+    def __init__(self, sources, weights=None):
+        self.sources = sources  # (name, who, fn, user code?)
+        self.weights = weights or [1.0] * len(sources)
         self.trial, self.step = False, 0
+
+    def describe(self) -> str:
+        """What produces the figure, e.g. `1 x --reward-path runs/rm + 0.5 x --reward-fn my_rewards:score`."""
+        return " + ".join(f"{w:g} x {who}" for w, (_, who, _, _) in zip(self.weights, self.sources))
 
     def __call__(self, prompts, responses, eos, extras=None, step=None):
         if step is not None:
@@ -185,6 +190,55 @@ class Reward:
             self.trial = False
 
 
+def _functions(specs: str, flag: str) -> list:
+    """Reward sources for comma-separated `module:function` specs or built-in task names (their checkers)."""
+    sources = []
+    for spec in filter(None, (s.strip() for s in specs.split(","))):
+        fn = load_function(spec)
+        who = f"the {spec} task's checker" if flag == "--dataset" else f"{flag} {spec}"
+        sources.append((spec.split(":")[-1], who, lambda p, r, e, x, fn=fn, who=who: call_function(fn, p, r, e, x, who),
+                        True))
+    return sources
+
+
+def task_score(args, probe: dict | None = None, rule_rewards: bool = False) -> Reward | None:
+    """The scorer of eval/task_score (a `Reward`; `.describe()` says what it is): --eval-reward-fn; else a built-in
+    task's checker; else, in the RL scripts (rule_rewards=True), the --reward-fn rules with their --reward-weights;
+    else None. With `probe` (a held-out prompt example), one trial call before anything is written."""
+    if args.eval_reward_fn:
+        reward = Reward(_functions(args.eval_reward_fn, "--eval-reward-fn"), None)
+    elif args.dataset in tasks.TASKS:
+        reward = Reward(_functions(args.dataset, "--dataset"), None)
+    elif rule_rewards and args.reward_fn.strip():
+        sources = _functions(args.reward_fn, "--reward-fn")
+        weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
+        first = 1 if args.reward_path else 0  # --reward-weights order: reward-path, reward-fn entries, reward-url
+        reward = Reward(sources, weights[first: first + len(sources)] if weights else None)
+    else:
+        return None
+    if probe is not None:
+        reward.probe(probe)
+    return reward
+
+
+def eval_scorers(args, eval_prompts: list[dict], train_reward: Reward | None = None, rule_rewards: bool = False):
+    """The held-out greedy evaluation's scorers: {"eval/task_score": `task_score`, "eval/reward": the training reward
+    (RL scripts)}, those that exist; says once when there is no task score and how to get one."""
+    probe = eval_prompts[0] if eval_prompts else None
+    scorers = {"eval/task_score": task_score(args, probe, rule_rewards), "eval/reward": train_reward}
+    if scorers["eval/task_score"] is None:
+        dist.say("[eval] no task score (eval/task_score): give --eval-reward-fn module:function to score greedy "
+                 "responses to the held-out prompts" + (" (or a rule reward with --reward-fn)" if rule_rewards else ""))
+    elif not eval_prompts:
+        dist.say("[eval] no held-out prompts: no task score; give --eval-dataset")
+    return {k: v for k, v in scorers.items() if v is not None}
+
+
+def sources(scorers: dict, **more) -> dict:
+    """summary.json's record of which reward produced each figure."""
+    return {name: r.describe() for name, r in {**scorers, **more}.items() if r is not None}
+
+
 def build(args, ctx, probe: dict | None = None) -> Reward:
     """The weighted sum of every reward source given by the flags (a `Reward`). With `probe` (a tokenized prompt
     example, {prompt, extras}), one trial call on it with a dummy response, so a source that fails or answers
@@ -199,18 +253,14 @@ def build(args, ctx, probe: dict | None = None) -> Reward:
     if args.reward_path:
         model = RewardModel(args.reward_path, args, ctx)
         sources.append(("rm", f"--reward-path {args.reward_path}", model, False))
-    for spec in filter(None, (s.strip() for s in args.reward_fn.split(","))):
-        fn, who = load_function(spec), f"--reward-fn {spec}"
-        sources.append((spec.split(":")[-1], who, lambda p, r, e, x, fn=fn, who=who: call_function(fn, p, r, e, x, who),
-                        True))
+    sources += _functions(args.reward_fn, "--reward-fn")
     if args.reward_url:
         sources.append(("remote", f"--reward-url {args.reward_url}",
                         RemoteReward(args.reward_url, args.reward_timeout), True))
     if not sources:
         if args.dataset not in tasks.TASKS:
             raise UserError("no reward: give --reward-fn, --reward-path or --reward-url")
-        task, who = tasks.get(args.dataset), f"the {args.dataset} task's checker"
-        sources.append((args.dataset, who, lambda p, r, e, x: call_function(task.reward, p, r, e, x, who), True))
+        sources = _functions(args.dataset, "--dataset")
     weights = weights or [1.0] * len(sources)
     if len(weights) != len(sources):
         raise UserError(f"--reward-weights has {len(weights)} values for {len(sources)} reward sources")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared import dist
+from shared import dist, tracking
 from shared.data import pad, rank_micro_batches
 from shared.dist import UserError, at_finish
 from shared.engine import gathered, position_ids, response_forward
@@ -207,22 +207,18 @@ class Generator:
     def sync(self, policy) -> float:
         """Push every parameter of `policy` into the engine in ONE reload call (pieces of vLLM's fused q/k/v and
         gate/up weights must arrive together), then drop the prefix cache computed with the old weights. Under ZeRO-3
-        each parameter is gathered in turn (every rank takes part). Returns the seconds it took (0 for hf)."""
+        each parameter is gathered in turn (every rank takes part). A LoRA policy sends merged weights, W + scaling
+        B @ A under the base model's names, computed beside the trained copy (`lora.merged_weights`). Returns the
+        seconds it took (0 for hf)."""
         if self.llm is None:
             return 0.0
-        import deepspeed
+        from shared import lora
 
         t = time.time()
-        module = getattr(policy, "module", policy)
-
-        def weights():
-            for name, p in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
-                    yield name, p.data.detach().clone()
-
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": lora.merged_weights(policy),
+                                                              "is_checkpoint_format": True})
         self.llm.collective_rpc(_repack_tied_lm_head)
         self.llm.reset_prefix_cache()
         if self.asleep:
@@ -273,15 +269,18 @@ def resolve_backend(choice: str, ctx) -> str:
 
 
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                      with_entropy: bool = False):
+                      with_entropy: bool | str = False):
     """Teacher-forced log-probs of the response tokens (N, R) under `model`, with the sampler's temperature;
-    optionally also the per-token entropy of that distribution (a statistic: detached, outside the autograd graph).
+    optionally also the per-token entropy of that distribution (a statistic: detached, outside the autograd graph;
+    with_entropy="grad": inside it, for an entropy bonus).
 
     log p(y_t) = z_t[y_t] - logsumexp(z_t): no vocabulary-sized log-softmax is materialised beside the logits (in
     no-grad passes only the logits are vocabulary-sized; with grad, logsumexp keeps them for its backward, as
     log_softmax would keep its output)."""
     logits = response_forward(model, input_ids, attention_mask, prompt_len).float() / temperature
     logprobs = logits.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    if with_entropy == "grad":  # differentiable, for an entropy bonus (keeps a vocabulary-sized softmax for backward)
+        return logprobs, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
     if with_entropy:
         return logprobs, entropy(logits.detach())
     return logprobs
@@ -294,24 +293,29 @@ def entropy(logits: torch.Tensor, rows: int = 8) -> torch.Tensor:
     return torch.cat([torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1) for z in logits.split(rows)])
 
 
-def greedy_eval(model, tok, examples: list[dict], reward_fn, ctx, max_new_tokens: int, batch_size: int = 128):
-    """Mean reward of greedy responses to held-out prompts (exact-match accuracy for a task checker), sharded over
-    ranks. `model` is a model (HF generate) or a Generator (its backend). Every rank makes the same number of
-    generate calls (ZeRO-3 gathers and tensor-parallel vLLM engines are collective)."""
+def greedy_eval(model, tok, examples: list[dict], scorers: dict, ctx, max_new_tokens: int, batch_size: int = 128):
+    """({metric: mean score}, a few (prompt, response) samples) of greedy responses to held-out prompts, sharded over
+    ranks; `scorers` maps metric names to `rewards.Reward`s (eval/task_score: exact match for a task checker). `model`
+    is a model (HF generate) or a Generator (its backend). Every rank makes the same number of generate and scorer
+    calls (ZeRO-3 gathers, reward models under ZeRO-3 and tensor-parallel vLLM engines are collective): a rank with no
+    prompts left works on a stand-in and discards it."""
+    if not examples or not scorers:
+        return {}, []
     sample = model.generate if isinstance(model, Generator) else (
         lambda prompt_ids, **kw: generate(model, tok, prompt_ids, **kw))
-    total, samples = torch.zeros(2, dtype=torch.float64), []
-    for chunk in rank_micro_batches(examples, batch_size, ctx):
-        ro = sample([e["prompt_ids"] for e in (chunk or examples[:1])], max_new_tokens=max_new_tokens, greedy=True)
-        if not chunk:
-            continue
-        extras = {k: [e["extras"][k] for e in chunk] for k in chunk[0]["extras"]}
-        prompts = [e["prompt"] for e in chunk]
-        rewards = torch.as_tensor(reward_fn(prompts=prompts, responses=ro.texts, **extras), dtype=torch.float64)
-        total += torch.stack([rewards.sum(), torch.tensor(float(len(chunk)), dtype=torch.float64)])
-        samples += list(zip(prompts, ro.texts))[: 4 - len(samples)]
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item(), samples
+    totals, n, samples = torch.zeros(len(scorers), dtype=torch.float64), 0, []
+    chunks = rank_micro_batches(examples, batch_size, ctx)
+    for chunk in tracking.progress(chunks, "eval", ctx):
+        batch = chunk or examples[:1]
+        ro = sample([e["prompt_ids"] for e in batch], max_new_tokens=max_new_tokens, greedy=True)
+        extras = {k: [e["extras"][k] for e in batch] for k in batch[0]["extras"]}
+        prompts = [e["prompt"] for e in batch]
+        scores = [fn(prompts, ro.texts, ro.eos.tolist(), extras)[0].double().sum() for fn in scorers.values()]
+        if chunk:
+            totals, n = totals + torch.stack(scores) if scores else totals, n + len(chunk)
+            samples += list(zip(prompts, ro.texts))[: 3 - len(samples)]
+    totals = dist.all_reduce(torch.cat([totals, torch.tensor([float(n)], dtype=torch.float64)]))
+    return {name: (totals[k] / totals[-1].clamp(min=1)).item() for k, name in enumerate(scorers)}, samples
 
 
 class SamplerGap:

@@ -1,8 +1,10 @@
-"""Logging: one concise line per step on rank 0, metrics.jsonl (one line per logged step, each step once also across
-a --resume), summary.json, and wandb with --track (offline unless WANDB_MODE says otherwise)."""
+"""Logging on rank 0: a progress bar (on a terminal) with a metrics line every --log-every steps and at each
+evaluation, a few sample responses per evaluation, metrics.jsonl (every step, each once also across a --resume),
+summary.json, and wandb with --track (offline unless WANDB_MODE says otherwise)."""
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +28,26 @@ def truncate_metrics(out: Path, step: int):
     os.replace(tmp, path)
 
 
+def progress(iterable, desc: str, ctx, total: int | None = None):
+    """A progress bar around `iterable` on rank 0, shown on a terminal only (reference log-probs, evaluation)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None if ctx.main else True)
+
+
+def _fmt(metrics: dict, keys=None) -> str:
+    return " ".join(f"{k.removeprefix('train/')}={metrics[k]:.4g}" for k in (keys or metrics) if k in metrics)
+
+
 class Tracker:
     def __init__(self, args, out: Path, ctx, script: str):
+        from tqdm import tqdm
+
         self.out, self.main, self.script, self.start = out, ctx.main, script, time.time()
-        self.wandb, self._last = None, time.time()
+        self.wandb, self._last, self.steps = None, time.time(), args.steps
+        self.every = args.log_every if args.log_every > 0 else max(1, args.steps // 20)
+        self.bar = tqdm(total=args.steps, desc=script, unit="step", leave=False, dynamic_ncols=True,
+                        disable=None if self.main else True)  # None: shown on a terminal only
         if args.track and self.main:
             import wandb
 
@@ -44,10 +62,21 @@ class Tracker:
         elapsed = time.time() - self.start
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 2), **metrics}) + "\n")
-        line = " ".join(f"{k.removeprefix('train/').replace('/', '_')}={metrics[k]:.4g}" for k in show if k in metrics)
-        print(f"[{self.script}] step {step} {line} ({elapsed:.0f}s)", flush=True)
+        self.bar.update(step - self.bar.n)
+        if step % self.every == 0 or step == self.steps or any(k.startswith("eval/") for k in metrics):
+            self._write(f"[{self.script}] step {step} {_fmt(metrics, show)} ({elapsed:.0f}s)")
         if self.wandb:
             self.wandb.log(metrics, step=step)
+
+    def evaluation(self, when: str, metrics: dict, samples=()):
+        """Print an evaluation's figures (`when`: before, after, or a step) and up to three sample responses; the
+        clock of `step_time` restarts, so the first step's throughput leaves the evaluation out."""
+        if self.main:
+            self._write(f"[{self.script}] {when}: {_fmt(metrics) or 'no held-out figures'}")
+            for prompt, response in list(samples)[:3]:
+                self._write(f"    {str(prompt)[-60:]!r} -> {response[:100]!r}")
+        self._last = time.time()
+        return metrics
 
     def step_time(self) -> float:
         """Seconds since the previous call (or since the tracker started)."""
@@ -56,6 +85,7 @@ class Tracker:
         return elapsed
 
     def summary(self, summary: dict):
+        self.bar.close()
         if not self.main:
             return
         summary = {**summary, "elapsed_s": round(time.time() - self.start, 2)}
@@ -68,4 +98,8 @@ class Tracker:
 
     def print(self, *a):
         if self.main:
-            print(*a, flush=True)
+            self._write(" ".join(map(str, a)))
+
+    def _write(self, line: str):
+        self.bar.write(line)
+        sys.stdout.flush()

@@ -242,7 +242,7 @@ CASES = [
     # --- flag combinations
     ("sft-bad-micro-batch-size", "train_sft.py", ["--micro-batch-size", "3"], "must be a positive multiple"),
     ("grpo-num-minibatches-not-dividing", "grpo.py", ["--num-minibatches", "3"], "--num-minibatches must divide"),
-    ("dpo-bad-loss", "dpo.py", ["--loss", "hinge"], "--loss must be sigmoid or ipo"),
+    ("dpo-bad-loss", "dpo.py", ["--loss", "hinj"], "--loss must be one of sigmoid, ipo"),
     ("grpo-bad-loss-agg", "grpo.py", ["--loss-agg", "sum"], "--loss-agg must be"),
     ("ppo-bad-preset", "ppo_max.py", ["--preset", "max"], "--preset must be one of"),
     ("grpo-one-sample", "grpo.py", ["--n-samples", "1"], "--n-samples must be >= 2"),
@@ -251,7 +251,8 @@ CASES = [
     ("rm-dtype-fp16", "train_rm.py", ["--dtype", "fp16"], "--dtype must be auto, bf16 or fp32"),
     ("dpo-beta-zero", "dpo.py", ["--beta", "0"], "--beta must be > 0"),
     ("kto-micro-batch-one", "kto.py", ["--micro-batch-size", "1"], "--micro-batch-size must be >= 2"),
-    ("ppo-ptx-without-sft-data", "ppo_max.py", ["--dataset", "{fx}/prompts.jsonl"], "needs --ptx-dataset"),
+    ("ppo-ptx-without-sft-data", "ppo_max.py", ["--dataset", "{fx}/prompts.jsonl", "--reward-fn", "addition",
+                                                "--ptx-coef", "0.05"], "needs --ptx-dataset"),
 ]
 
 

@@ -145,9 +145,13 @@ def test_empty_after_filtering(tokenizer):
 
 
 def test_batch_sizes_that_do_not_divide():
-    assert data.check_batch_sizes(32, 8, 2) == 2
+    from types import SimpleNamespace
+
+    assert data.check_batch_sizes(32, SimpleNamespace(micro_batch_size=8), 2) == 2
     with pytest.raises(UserError, match="--batch-size 30 must be a positive multiple"):
-        data.check_batch_sizes(30, 8, 2)
+        data.check_batch_sizes(30, SimpleNamespace(micro_batch_size=8), 2)
+    args = SimpleNamespace(micro_batch_size=64)  # a memory limit above the batch: lowered to it, one micro-batch
+    assert data.check_batch_sizes(16, args, 2) == 1 and args.micro_batch_size == 8
 
 
 def test_left_and_right_padding():

@@ -129,14 +129,14 @@ def test_pair_accuracy_is_one_half_when_the_policy_is_the_reference(tokenizer, s
         args, one_at_a_time = dpo.Args(micro_batch_size=64), dpo.Args(micro_batch_size=1)
         ref = dpo.all_pair_logps(model, pairs, pad, one_at_a_time, ctx)
         noise = (dpo.all_pair_logps(model, pairs, pad, args, ctx) - ref).abs().max().item()
-        metrics = dpo.evaluate(model, pairs, ref, [], None, tokenizer, args, ctx)
+        metrics, _ = dpo.evaluate(model, pairs, ref, [], {}, tokenizer, args, ctx)
     else:
         examples = [{"input_ids": p[key], "prompt_len": p["prompt_len"], "label": key == "chosen_ids"}
                     for p in pairs for key in ("chosen_ids", "rejected_ids")]  # as kto.split_examples lays out pairs
         args, one_at_a_time = kto.Args(micro_batch_size=64), kto.Args(micro_batch_size=1)
         ref = kto.all_logps(model, examples, pad, one_at_a_time, ctx)
         noise = (kto.all_logps(model, examples, pad, args, ctx) - ref).abs().max().item()
-        metrics = kto.evaluate(model, examples, ref, True, [], None, tokenizer, args, ctx)
+        metrics, _ = kto.evaluate(model, examples, ref, True, [], {}, tokenizer, args, ctx)
     assert 0 < noise < 1e-5  # the two compositions do round differently, by float noise only
     assert metrics["eval/pair_accuracy"] == 0.5
 
@@ -285,7 +285,7 @@ def test_outputs_have_the_documented_metrics_and_reload(three_runs):
                                                               {"train/kl"})
     assert names <= set(metrics(run)[0])
     for when in ("before", "after"):
-        assert 0 <= summary[when]["eval/pair_accuracy"] <= 1 and 0 <= summary[when]["eval/accuracy"] <= 1
+        assert 0 <= summary[when]["eval/pair_accuracy"] <= 1 and 0 <= summary[when]["eval/task_score"] <= 1
     # policy == reference before training: every implicit reward is 0 up to float rounding (two model copies need not
     # round alike: the LM head runs on a few positions, where kernels pick paths by alignment)
     rewards = {k: v for k, v in summary["before"].items() if k.startswith("eval/rewards/")}
@@ -318,7 +318,7 @@ def test_kto_trains_on_unbalanced_unpaired_data_and_warns(tmp_path):
     assert "warning" in proc.stdout and "--desirable-weight" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["split_from_pairs"] and "eval/pair_accuracy" not in summary["after"]
-    assert "eval/rewards/margin" in summary["after"] and "eval/accuracy" not in summary["after"]  # not a task
+    assert "eval/rewards/margin" in summary["after"] and "eval/task_score" not in summary["after"]  # no scorer given
 
 
 def refused(tmp_path, script, *args) -> str:
@@ -331,7 +331,7 @@ def refused(tmp_path, script, *args) -> str:
 
 
 def test_bad_flags_give_one_line_and_write_nothing(tmp_path):
-    assert "--loss must be" in refused(tmp_path, "dpo.py", "--loss", "hinge")
+    assert "--loss must be" in refused(tmp_path, "dpo.py", "--loss", "hinj")
     assert "applies to --loss sigmoid only" in refused(tmp_path, "dpo.py", "--loss", "ipo", "--label-smoothing", "0.1")
     assert "--micro-batch-size must be >= 2" in refused(tmp_path, "kto.py", "--micro-batch-size", "1")
 
@@ -345,6 +345,6 @@ def test_default_run_learns_the_preferences_without_losing_the_task(tmp_path, sc
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     before, after = summary["before"], summary["after"]
-    assert abs(before["eval/accuracy"] - 0.354) < 1e-9  # the embedded SFT policy
+    assert abs(before["eval/task_score"] - 0.354) < 1e-9  # the embedded SFT policy
     assert after["eval/pair_accuracy"] >= 0.9
-    assert after["eval/accuracy"] >= before["eval/accuracy"] - 0.05
+    assert after["eval/task_score"] >= before["eval/task_score"] - 0.05

@@ -20,7 +20,7 @@ def test_sft_then_rm_run_and_their_outputs_reload(tmp_path, ranks):
     run_script("train_sft.py", *flags, "--output-dir", sft, ranks=ranks)
     run_script("train_rm.py", *flags, "--model-path", sft, "--output-dir", rm, "--stats-examples", "17", ranks=ranks)
     summary = json.loads((sft / "summary.json").read_text())
-    assert summary["world_size"] == max(ranks, 1) and 0 <= summary["after"]["eval/accuracy"] <= 1
+    assert summary["world_size"] == max(ranks, 1) and 0 <= summary["after"]["eval/task_score"] <= 1
     assert len((sft / "metrics.jsonl").read_text().splitlines()) == 3
     tok = AutoTokenizer.from_pretrained(sft)
     policy = AutoModelForCausalLM.from_pretrained(sft)
@@ -98,13 +98,13 @@ def test_default_sft_run_is_better_than_chance_but_far_from_perfect(tmp_path):
     run_script("train_sft.py", cwd=tmp_path)
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["before"]["eval/accuracy"] < 0.02  # an untrained model does not add
-    assert 0.15 <= summary["after"]["eval/accuracy"] <= 0.7
+    assert summary["before"]["eval/task_score"] < 0.02  # an untrained model does not add
+    assert 0.15 <= summary["after"]["eval/task_score"] <= 0.7
 
 
 def test_default_rm_run_reaches_90_percent_pair_accuracy(tmp_path):
     run_script("train_rm.py", cwd=tmp_path)
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["after"]["eval/accuracy"] >= 0.9
-    assert summary["before"]["eval/accuracy"] < 0.75
+    assert summary["after"]["eval/pair_accuracy"] >= 0.9
+    assert summary["before"]["eval/pair_accuracy"] < 0.75
