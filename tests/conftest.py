@@ -26,6 +26,7 @@ def run_script(script: str, *args, ranks: int = 0, check: bool = True, timeout: 
     """Run a script as a user would: `python X.py ...` (ranks=0) or `deepspeed --num_gpus N X.py ...`. Multi-rank
     runs go through tests/nccl_like.py: the default process group refuses CPU tensors from our code, as NCCL does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env.pop("MASTER_PORT", None)  # left by a dist.init in this process: a child would try to bind the same port
     if ranks:
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "tests/nccl_like.py"),
                str(ROOT / script)]
