@@ -239,8 +239,10 @@ def main(args: Args):
     ref_path, ref_flag = ((args.ref_model_path, "--ref-model-path") if args.ref_model_path
                           else (args.model_path, "--model-path"))
     needs_ref = args.loss not in REFERENCE_FREE  # SimPO and ORPO load no reference model
-    ref = None if not needs_ref else lora.reference(policy, args, explicit=args.ref_model_path) or engine.wrap_frozen(engine.load_model(
-        ref_path, args, ctx, flag=ref_flag, seed=args.seed, lora="" if args.ref_model_path else "start"), args, ctx)
+    ref = None
+    if needs_ref:  # with LoRA: the policy with its adapters off, else a frozen copy
+        ref = lora.reference(policy, args, explicit=args.ref_model_path) or engine.wrap_frozen(engine.load_model(
+            ref_path, args, ctx, flag=ref_flag, seed=args.seed, lora="" if args.ref_model_path else "start"), args, ctx)
     out = engine.prepare_output_dir(args, ctx, "dpo")
     policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "dpo")

@@ -477,7 +477,8 @@ def main(args: Args):
             **{f"time/{k}": v for k, v in timing.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics.update(tracker.evaluation(f"step {step}", *evaluate()))
-        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length", "eval/task_score"))
+        tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length",
+                                         "eval/task_score"))
         state = {"step": step, "draws": draws, "before": before}
         if engine.periodic_save(args, out, step, {"policy": policy}, state, tok, ctx):
             return

@@ -117,7 +117,8 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs, LoraArgs):
 
 # Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
 # for it; the Args above hold the values for pretrained models. Flags you give always win.
-EMBEDDED = dict(lr=3e-5, critic_lr=1e-4, kl_coef=0.05, temperature=1.0, top_p=1.0, max_new_tokens=8, micro_batch_size=32)
+EMBEDDED = dict(lr=3e-5, critic_lr=1e-4, kl_coef=0.05, temperature=1.0, top_p=1.0, max_new_tokens=8,
+                micro_batch_size=32)
 
 
 PRESETS = {

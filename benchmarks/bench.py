@@ -2,8 +2,8 @@
 
 Run through benchmarks/run.sh (it activates the environment, installs TRL into its own folder and sets 1 thread):
 
-    bash benchmarks/run.sh                   # full run: ~27 min measuring + up to 5 min waiting for a quiet machine
-    bash benchmarks/run.sh --only realistic  # the realistic shape only: ~13 min
+    bash benchmarks/run.sh                   # full run: ~29 min measuring + up to 5 min waiting for a quiet machine
+    bash benchmarks/run.sh --only realistic  # the realistic shape only: ~15 min
     bash benchmarks/run.sh --quick           # smoke run, ~3 min
 
 Method (benchmarks/README.md):
@@ -358,7 +358,8 @@ def ratio_rows(r: dict) -> list[dict]:
                 eq = "equal samples" if w.get("sampled_seqs") == base.get("sampled_seqs") else "NO: samples"
             unseen = any(x.get("sampled_seqs", 0) and not x.get("decode_positions", 0) for x in (w, base))  # vLLM
             arith = _div(arithmetic(w), arithmetic(base)) if ratio and not unseen else None
-            out.append({"name": name, "comparison": c["name"], "size": c["size"], "ours": w["label"], "other": base["label"],
+            out.append({"name": name, "comparison": c["name"], "size": c["size"], "ours": w["label"],
+                        "other": base["label"],
                         "ours_s": w.get("median_s"), "other_s": base.get("median_s"), "time_ratio": ratio,
                         "memory_ratio": _div(w.get("peak_mb"), base.get("peak_mb")),
                         "ours_peak_mb": w.get("peak_mb"), "other_peak_mb": base.get("peak_mb"),
@@ -439,7 +440,8 @@ def realistic_plan(d: str, common: list, quick: bool):
     """The realistic shape (build_realistic): SFT and DPO with 4 examples / 2 pairs per step, GRPO and RLOO with
     2 prompts x 2 samples of 128 new tokens, one micro-batch each, and in the GRPO comparison a third process, our
     grpo.py with the vLLM rollout backend (its rollout tokens/s against the HF backend's). Same learning rates as
-    the other sizes; 4 steps (the first is set-up and never timed, so 3 timed steps per side; --quick: 3 steps)."""
+    the other sizes. SFT and DPO 4 steps, RL 3 (the first is set-up and never timed: 3 and 2 timed steps per side;
+    --quick: 3 and 2 steps); a full `--only realistic` run then measures for ~15 min."""
     n = 3 if quick else 4
     ln = ["--max-len", "256"]
     tcfg = dict(model=d, steps=n, grad_accum=1, max_len=256)
@@ -456,10 +458,12 @@ def realistic_plan(d: str, common: list, quick: bool):
         trl("DPOTrainer", dict(tcfg, algo="dpo", data=f"{d}/pairs.jsonl", micro_batch_size=2, lr=1e-4,
                                warmup_steps=10, beta=0.1))], n))
     p, k = 2, 2
+    n = n - 1  # RL steps are 2-3x longer
     rl = ["--model-path", d, "--steps", str(n), "--prompts-per-step", str(p), "--n-samples", str(k),
           "--micro-batch-size", str(p * k), "--max-new-tokens", str(RESPONSE_LEN), "--lr", "1e-4",
           "--reward-fn", "addition", *data("prompts"), *ln, *common]
-    rcfg = dict(tcfg, data=f"{d}/prompts.jsonl", micro_batch_size=p * k, n_samples=k, max_new_tokens=RESPONSE_LEN)
+    rcfg = dict(tcfg, steps=n, data=f"{d}/prompts.jsonl", micro_batch_size=p * k, n_samples=k,
+                max_new_tokens=RESPONSE_LEN)
     grpo_workers = [ours("grpo.py", rl + ["--beta", "0.04"])]
     if importlib.util.find_spec("vllm") and "RolloutArgs" in (ROOT / "grpo.py").read_text():
         grpo_workers.append(ours("grpo.py", rl + ["--beta", "0.04", "--rollout-backend", "vllm"]))

@@ -1,8 +1,8 @@
-"""One-GPU bf16 steps of train_sft.py, dpo.py, grpo.py and ppo_max.py on a ~0.5B Qwen2-shaped random model (Qwen2.5-0.5B's
-shape: hidden 896, 24 layers, 14 query / 2 KV heads, MLP 4864, tied embeddings, 151936 tokens), built here from a
-config (no download). Prints, per script: tokens/s, peak GPU memory and the MFU of the policy update. Run through
-benchmarks/gpu.sh (it installs what the machine lacks first); `--tiny` runs the same code path on CPU with a tiny
-Qwen2 in fp32 (tests/test_benchmarks.py runs it so that this file does not rot).
+"""One-GPU bf16 steps of train_sft.py, dpo.py, grpo.py and ppo_max.py on a ~0.5B Qwen2-shaped random model
+(Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 query / 2 KV heads, MLP 4864, tied embeddings, 151936 tokens), built
+here from a config (no download). Prints, per script: tokens/s, peak GPU memory and the MFU of the policy update. Run
+through benchmarks/gpu.sh (it installs what the machine lacks first); `--tiny` runs the same code path on CPU with a
+tiny Qwen2 in fp32 (tests/test_benchmarks.py runs it so that this file does not rot).
 
     python benchmarks/gpu_bench.py [--tiny] [--steps N] [--scripts train_sft,dpo,grpo,ppo_max] [--out DIR]
 
@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                 tie_word_embeddings=True)
-TINY = dict(QWEN2_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1000000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY = dict(QWEN2_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 WARMUP = 1
 
 
@@ -43,8 +43,8 @@ def build(path: Path, cfg: dict) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tokenizer"))
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=tok.pad_token_id,
-                                         **cfg))
+    config = Qwen2Config(eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=tok.pad_token_id, **cfg)
+    model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     total = sum(p.numel() for p in model.parameters())
@@ -53,7 +53,8 @@ def build(path: Path, cfg: dict) -> dict:
 
 
 def plans(d: str, tiny: bool, steps: int) -> dict:
-    """Flags per script. GPU: SFT 16 examples, DPO 8 pairs, GRPO/PPO 8 prompts x 4 samples of 256 new tokens; tiny: small."""
+    """Flags per script. GPU: SFT 16 examples, DPO 8 pairs, GRPO/PPO 8 prompts x 4 samples of 256 new tokens (tiny:
+    4, 2, 2 x 2 x 8)."""
     b, pairs, p, k, new = (4, 2, 2, 2, 8) if tiny else (16, 8, 8, 4, 256)
     common = ["--model-path", d, "--steps", str(steps), "--eval-every", "0", "--eval-size", "4", "--defaults",
               "pretrained", "--max-new-tokens", "8", "--max-len", "512", "--dtype", "fp32" if tiny else "bf16"]
@@ -122,7 +123,8 @@ def main():
                            n_eval=4)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"[gpu_bench] {device}; Qwen2 {'tiny' if a.tiny else '~0.5B'}: {sizes['params'] / 1e6:.1f}M parameters "
-          f"({sizes['non_embedding'] / 1e6:.1f}M non-embedding); {steps} steps per script, {WARMUP} untimed", flush=True)
+          f"({sizes['non_embedding'] / 1e6:.1f}M non-embedding); {steps} steps per script, {WARMUP} untimed",
+          flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("BENCH_GATE", None)
@@ -136,9 +138,10 @@ def main():
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode or not record.exists():
-            results["scripts"][name] = {"failed": f"exit code {proc.returncode}", "log_tail": (proc.stdout + proc.stderr)[-3000:]}
-            print(f"[gpu_bench] {name} FAILED (exit {proc.returncode}); log: {out / (name + '.log')}\n"
-                  + (proc.stdout + proc.stderr)[-3000:], flush=True)
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            results["scripts"][name] = {"failed": f"exit code {proc.returncode}", "log_tail": tail}
+            print(f"[gpu_bench] {name} FAILED (exit {proc.returncode}); log: {out / (name + '.log')}\n" + tail,
+                  flush=True)
             continue
         s = summarize(json.loads(record.read_text()), sizes["non_embedding"], a.peak_tflops * 1e12)
         s["wall_s"] = time.time() - t

@@ -2,8 +2,8 @@
 # The benchmark's one entry point: ours vs TRL 1.16.0, time per step, equal-work counters, learning efficiency and
 # per-phase profiles and peak memory per step. Usage (from anywhere):
 #
-#   bash benchmarks/run.sh                   # full run: ~27 min measuring + up to 5 min waiting for a quiet machine
-#   bash benchmarks/run.sh --only realistic  # SmolLM2-135M's shape, 128-token responses: ~13 min
+#   bash benchmarks/run.sh                   # full run: ~29 min measuring + up to 5 min waiting for a quiet machine
+#   bash benchmarks/run.sh --only realistic  # SmolLM2-135M's shape, 128-token responses: ~15 min
 #   bash benchmarks/run.sh --quick           # smoke run, ~3 min
 #   bash benchmarks/gpu.sh                   # (separate) one-GPU bf16 steps on a ~0.5B Qwen2 shape; see gpu_bench.py
 #

@@ -205,9 +205,8 @@ def parse(args_cls, default, description: str):
     outer = []
     for title, fs in groups:
         values = {f.name: getattr(default, f.name) for f in fs}
-        inner = dataclasses.make_dataclass(title, [
-            (f.name, Annotated[f.type, tyro.conf.arg(help=docs.get(f.name, ""))], dataclasses.field(default=values[f.name]))
-            for f in fs])
+        inner = dataclasses.make_dataclass(title, [(f.name, Annotated[f.type, tyro.conf.arg(help=docs.get(f.name, ""))],
+                                                    dataclasses.field(default=values[f.name])) for f in fs])
         outer.append((title, Annotated[inner, tyro.conf.OmitArgPrefixes],
                       dataclasses.field(default_factory=functools.partial(inner, **values))))
     parsed = tyro.cli(dataclasses.make_dataclass(args_cls.__name__, outer), description=description)

@@ -49,9 +49,9 @@ def cli(main, args_cls, embedded: dict | None = None):
         column = args.defaults if args.defaults != "auto" else (
             "embedded" if embedded and engine.is_embedded(args.model_path) else "pretrained")
         base = dataclasses.replace(args_cls(), **(embedded if column == "embedded" and embedded else {}))
-        if getattr(args, "lora_rank", 0) > 0:  # LoRA learns best at ~10x the full fine-tuning rate (LoRA Without Regret)
-            base = dataclasses.replace(base, **{k: float(f"{10 * getattr(base, k):.6g}") for k in ("lr", "critic_lr")
-                                                    if hasattr(base, k)})
+        if getattr(args, "lora_rank", 0) > 0:  # LoRA learns best at ~10x the full fine-tuning rate
+            rates = {k: float(f"{10 * getattr(base, k):.6g}") for k in ("lr", "critic_lr") if hasattr(base, k)}
+            base = dataclasses.replace(base, **rates)
         if base != args_cls():
             args = flags.parse(args_cls, base, description)
         args.defaults = column

@@ -101,8 +101,8 @@ def test_ratio_rows_name_time_and_memory():
         {"name": "grpo-x", "size": "x", "load_before": 0.5, "workers": [
             w("ours:grpo.py", 3.0, 1500.0, 512, 2.0), w("ours:grpo.py+vllm", 2.0, 2500.0, 512, 0.5),
             w("trl:GRPOTrainer", 6.0, 2000.0, 512, 4.0)]},
-        {"name": "sft-x", "size": "x", "load_before": 0.5, "workers": [w("ours:train_sft.py", 1.0, 900.0),
-                                                                        {"label": "trl:SFTTrainer", "failed": "boom"}]}]}
+        {"name": "sft-x", "size": "x", "load_before": 0.5,
+         "workers": [w("ours:train_sft.py", 1.0, 900.0), {"label": "trl:SFTTrainer", "failed": "boom"}]}]}
     rows = {row["name"]: row for row in bench.ratio_rows(r)}
     assert set(rows) == {"grpo-x", "grpo-x-vllm", "grpo-x-vllm-vs-hf", "sft-x"}
     assert rows["grpo-x"]["time_ratio"] == 0.5 and rows["grpo-x"]["memory_ratio"] == 0.75
@@ -111,3 +111,14 @@ def test_ratio_rows_name_time_and_memory():
     assert vs["other"] == "ours:grpo.py" and vs["rollout_tokens_per_s_ratio"] == (512 / 0.5) / (512 / 2.0)
     assert rows["sft-x"]["time_ratio"] is None and rows["sft-x"]["memory_ratio"] is None
     assert all({"name", "time_ratio", "memory_ratio"} <= set(row) for row in rows.values())
+
+
+def test_json_data_loads_without_the_datasets_package(tmp_path, monkeypatch):
+    """A bare GPU machine has no `datasets`: the jsonl files gpu_bench.py writes must load without it."""
+    from shared import data
+
+    bench.write_task_files(tmp_path, 16, 16, n_train=3, n_eval=1)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    rows = data.load_table(str(tmp_path / "prompts.jsonl"), "train", "prompt")
+    expected = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in ("prompt", "answer")} for r in rows] == expected
