@@ -295,11 +295,12 @@ def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=pr
     if getattr(args, "assistant_turns", "last") not in ("all", "last"):
         raise UserError(f"--assistant-turns must be all or last, got '{args.assistant_turns}'")
     examples, n_cut, n_skip, unknown = [], 0, 0, []
+    # text the tokenizer cannot represent (checked on the ids below; GPT-2's "unknown" token is its EOS: not counted)
+    unk = tok.unk_token_id if tok.unk_token_id not in (tok.eos_token_id, tok.pad_token_id) else None
     for i, ex in enumerate(normalise(rows, kind, args)):
         prompt_ids = encode_prompt(tok, ex["prompt"])
         texts = [ex[k] for k in ("prompt", "response", "chosen", "rejected") if isinstance(ex.get(k), str)]
-        if tok.unk_token_id is not None and any(tok.unk_token_id in tok(t, add_special_tokens=False)["input_ids"]
-                                                for t in texts):
+        if unk is not None and unk in prompt_ids:
             unknown.append((i, texts))
         if kind == "prompt":
             if len(prompt_ids) > args.max_len:  # skipped, never cut: either end of a templated prompt is structure
@@ -308,6 +309,8 @@ def tokenize(rows: list[dict], tok, kind: str, args, what: str = "train", log=pr
             examples.append({"prompt_ids": prompt_ids, "prompt": ex["prompt"], "extras": ex["extras"]})
             continue
         seqs = {k: prompt_ids + encode_response(tok, ex[k]) for k in ("response", "chosen", "rejected") if k in ex}
+        if unk is not None and unk not in prompt_ids and any(unk in s for s in seqs.values()):
+            unknown.append((i, texts))
         turns = None
         if all_turns and _is_messages(ex["prompt"]):  # the loss on every assistant turn, not only the last
             ids, turns = encode_conversation(tok, ex["prompt"] + [{"role": "assistant", "content": ex["response"]}])
