@@ -179,7 +179,10 @@ def test_kill_9_at_a_random_moment_then_resume_ends_bit_identical(straight, tmp_
         proc.kill()
     if proc.returncode == 0:
         pytest.fail("the run ended before the kill; lengthen SFT's --steps")
-    has_checkpoint = any((out / d / "state.json").exists() for d in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    # whole, by the protocol save_checkpoint documents: checkpoint/ only ever appears by renaming a whole one, while
+    # checkpoint.tmp and checkpoint.old count once their COMPLETE marker is written (a kill may land between the two)
+    has_checkpoint = (out / "checkpoint" / "state.json").exists() or any(
+        (out / d / "COMPLETE").exists() for d in ("checkpoint.tmp", "checkpoint.old"))
     run("train_sft.py", *SFT, "--output-dir", out, *(["--resume"] if has_checkpoint else ["--overwrite"]))
     assert same_weights(straight, out)
     assert all(same_weights(straight / f"step_{k}", out / f"step_{k}") for k in range(1, 7))
