@@ -1,12 +1,13 @@
 """REINFORCE++ (Hu 2025, arXiv 2501.03262): REINFORCE with PPO's stabilisers and no critic.
 
-    python reinforce_pp.py                          # embedded SFT policy, built-in addition task, exact-match reward
+    python reinforce_pp.py                  # embedded SFT policy, built-in addition task, exact-match reward
     deepspeed reinforce_pp.py --model-path SFT_DIR --dataset prompts.jsonl --reward-path RM_DIR
     deepspeed reinforce_pp.py ... --baseline --n-samples 8          # REINFORCE++-baseline
 
-Token rewards r_t = -beta * KL_t (k1 = logp_t - ref_t) on every response token, plus the score s at the last real
-token; returns G_t = sum_{k>=t} gamma^(k-t) r_k; advantages = G_t whitened over ALL valid tokens of the GLOBAL batch
-(every rank); PPO-clipped token loss. --baseline first subtracts each prompt group's mean score (needs n > 1).
+Token rewards r_t = -kl_coef * KL_t (k1 = logp_t - ref_t) on every response token, plus the score s at the
+last real token; returns G_t = sum_{k>=t} gamma^(k-t) r_k; advantages = G_t whitened over ALL valid tokens of
+the GLOBAL batch (every rank); PPO-clipped token loss. --baseline first subtracts each prompt group's mean
+score (needs n > 1).
 """
 import functools
 import time
@@ -16,7 +17,7 @@ import torch
 
 from shared import data, dist, engine, lora, rewards, rollout
 from shared.args import DataArgs, LoraArgs, RewardArgs, RolloutArgs, RunArgs
-from shared.tracking import Tracker
+from shared.tracking import Stats, Tracker
 
 
 @dataclass
@@ -37,14 +38,16 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs, LoraArgs):
     """response length limit"""
     lr: float = 5e-7
     """policy learning rate (OpenRLHF's REINFORCE++ examples)"""
-    beta: float = 0.01
+    kl_coef: float = 0.01
     """per-token KL penalty coefficient in the reward (k1 estimator); 0 loads no reference model"""
     gamma: float = 1.0
     """discount of the token returns"""
     baseline: bool = False
     """REINFORCE++-baseline: subtract each prompt group's mean score first (needs --n-samples > 1)"""
-    eps: float = 0.2
-    """clip range of the ratio"""
+    eps_low: float = 0.2
+    """clip range below 1 for the ratio"""
+    eps_high: float = 0.2
+    """clip range above 1 for the ratio"""
     ppo_epochs: int = 1
     """passes over each rollout batch"""
     num_minibatches: int = 1
@@ -55,15 +58,18 @@ class Args(RunArgs, DataArgs, RewardArgs, RolloutArgs, LoraArgs):
     """evaluate on held-out prompts every N steps"""
     # --- variants researchers compare (all off by default; README "Variants") ---
     dual_clip: float = 0.0
-    """dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): for A < 0 the loss is at most -c A, c > 1 (e.g. 3); 0: off"""
+    """dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): for A < 0 the loss is at most -c A, c > 1 (e.g. 3);
+    0: off"""
     delta: float = 0.0
-    """two-sided clipping (INTELLECT-2, arXiv 2505.07291): the unclipped term uses min(r, delta), delta > 1 + eps
-    (e.g. 4); 0: off"""
+    """two-sided clipping (INTELLECT-2, arXiv 2505.07291): the unclipped term uses min(r, delta),
+    delta > 1 + eps_high (e.g. 4); 0: off"""
     kl_estimator: str = "k1"
-    """KL(policy || reference) per token, d = logp - ref: k1 = d (paper), k2 = d^2 / 2, k3 = exp(-d) - 1 + d"""
+    """KL(policy || reference) per token, d = logp - ref: k1 = d (paper), k2 = d^2 / 2,
+    k3 = exp(-d) - 1 + d"""
     kl_in: str = "reward"
-    """reward: r_t = -beta KL_t in the token rewards (the paper, for REINFORCE++ and, here, --baseline too); loss:
-    beta x the token-mean KL added to the loss instead (OpenRLHF's --use_kl_loss, its advice for -baseline: k2 or k3)"""
+    """reward: r_t = -kl_coef KL_t in the token rewards (the paper, for REINFORCE++ and, here, --baseline
+    too); loss: kl_coef x the token-mean KL added to the loss instead (OpenRLHF's --use_kl_loss, its advice
+    for -baseline: k2 or k3)"""
 
 
 # Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
@@ -74,10 +80,10 @@ EMBEDDED = dict(lr=1e-4, max_new_tokens=8, micro_batch_size=64)
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def token_rewards(scores, logprobs, ref_logprobs, mask, beta: float, estimator: str = "k1"):
-    """r_t = -beta * KL_t on response tokens, KL_t = k1 = logp_t - ref_t (or k2, k3: kl_penalty), plus the score at
-    the last real token; (N, R)."""
-    rewards = -beta * kl_penalty(logprobs, ref_logprobs, estimator) * mask
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str = "k1"):
+    """r_t = -kl_coef * KL_t on response tokens, KL_t = k1 = logp_t - ref_t (or k2, k3: kl_penalty), plus the
+    score at the last real token; (N, R)."""
+    rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, estimator) * mask
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
@@ -105,14 +111,16 @@ def group_baseline(scores, n: int):
     return (groups - groups.mean(1, keepdim=True)).view(-1)
 
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, eps: float, dual_clip: float = 0.0, delta: float = 0.0):
-    """Per-token PPO loss -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old); (N, R).
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low: float, eps_high: float,
+                      dual_clip: float = 0.0, delta: float = 0.0):
+    """Per-token PPO loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = exp(logp - old); (N, R).
     delta > 0, two-sided clipping (INTELLECT-2, arXiv 2505.07291): -min(min(rho, delta) A, clip(rho) A).
-    dual_clip c > 0 (Ye et al. 2020, arXiv 1912.09729): for A < 0, -max(min(rho A, clip(rho) A), c A), i.e. the loss
-    is at most -c A however large rho grows (with c = delta the two give the same loss)."""
+    dual_clip c > 0 (Ye et al. 2020, arXiv 1912.09729): for A < 0, -max(min(rho A, clip(rho) A), c A), i.e.
+    the loss is at most -c A however large rho grows (with c = delta the two give the same loss)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio.clamp(max=delta) if delta > 0 else ratio
-    loss = -torch.min(unclipped * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = -torch.min(unclipped * advantages, clipped * advantages)
     if dual_clip > 0:
         loss = torch.where(advantages < 0, torch.min(loss, -dual_clip * advantages), loss)
     return loss
@@ -142,13 +150,15 @@ def tis_weights(old_logprobs, sampler_logprobs, cap: float):
 
 def check_variants(args: Args):
     """The variant flags (README "Variants"): known values and combinations that mean something."""
-    for name, allowed in {"kl_estimator": ("k1", "k2", "k3"), "kl_in": ("reward", "loss")}.items():
+    choices = {"kl_estimator": ("k1", "k2", "k3"), "kl_in": ("reward", "loss")}
+    for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
-            raise dist.UserError(f"--{name.replace('_', '-')} must be {', '.join(allowed)}; got {getattr(args, name)}")
+            raise dist.UserError(f"--{name.replace('_', '-')} must be {', '.join(allowed)}; "
+                                 f"got {getattr(args, name)}")
     if args.dual_clip and args.dual_clip <= 1:
         raise dist.UserError(f"--dual-clip must be > 1 (e.g. 3), or 0 for off; got {args.dual_clip}")
-    if args.delta and args.delta <= 1 + args.eps:
-        raise dist.UserError(f"--delta must be > 1 + --eps (e.g. 4), or 0 for off; got {args.delta}")
+    if args.delta and args.delta <= 1 + args.eps_high:
+        raise dist.UserError(f"--delta must be > 1 + --eps-high (e.g. 4), or 0 for off; got {args.delta}")
 
 
 def check_args(args: Args, world: int):
@@ -159,9 +169,116 @@ def check_args(args: Args, world: int):
         raise dist.UserError(f"--prompts-per-step {args.prompts_per_step} must divide by the {world} ranks")
     rollout_per_rank = args.prompts_per_step * args.n_samples // world
     if rollout_per_rank % args.num_minibatches:
-        raise dist.UserError("--num-minibatches must divide the samples per rank (prompts-per-step x n-samples / ranks)")
+        raise dist.UserError("--num-minibatches must divide the samples per rank "
+                             "(prompts-per-step x n-samples / ranks)")
     return data.check_batch_sizes(rollout_per_rank // args.num_minibatches, args, 1,
                                   "samples per minibatch per rank")
+
+
+def rollout_logprobs(model, ro, args):
+    """log pi(y_t) of the rollout's response tokens under `model`, without gradients, one forward per
+    micro-batch (a whole rollout's logits, N x T x vocab, would not fit); (N, R)."""
+    chunks = data.micro_batches(torch.arange(len(ro.input_ids)), args.micro_batch_size)
+    with torch.no_grad():
+        per_chunk = [rollout.response_logprobs(model, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len,
+                                               args.temperature) for mb in chunks]
+    return torch.cat(per_chunk)
+
+
+def sample_batch(args, prompts, sampler, step, generator, reward_fn, ctx, timing):
+    """n responses per prompt from the current policy, scored: (rollout, scores (N,), reward parts, the
+    sampling's metrics)."""
+    draw = step - 1  # the data position of step s is draw s - 1 of the sampler
+    batch = [prompts[i] for i in sampler.rank_batch(draw, args.prompts_per_step, ctx)]
+    t = time.time()
+    ro = generator.generate([p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
+                            args.top_p, args.max_new_tokens)
+    timing["generate"] = time.time() - t
+    t = time.time()
+    texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
+    extras = {k: [batch[i]["extras"][k] for i in ro.prompt_index.tolist()] for k in batch[0]["extras"]}
+    scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras, step=step)
+    timing["score"] = time.time() - t
+    metrics = {"rollout/zero_std_groups_frac": 0.0}  # (one sample per prompt: no groups)
+    if args.n_samples > 1:
+        flat = scores.view(-1, args.n_samples).std(1) == 0
+        metrics["rollout/zero_std_groups_frac"] = flat.float().mean().item()
+    if not torch.isfinite(scores).all():
+        raise dist.Diverged(f"non-finite reward at step {step}; stopping (the last checkpoint is intact)")
+    return ro, scores, parts, metrics
+
+
+def compute_advantages(args, policy, ref, generator, ro, scores, ctx, timing):
+    """Old log-probs (the sampler's when exact: HF backend in fp32) and reference log-probs (the old ones
+    without a reference model), the token rewards, their returns and the globally whitened advantages (N, R):
+    (old_logprobs, ref_logprobs, advantages)."""
+    t = time.time()
+    mask = ro.response_mask.float()
+    old_logprobs = ro.logprobs if generator.exact_logprobs else rollout_logprobs(policy, ro, args)
+    ref_logprobs = rollout_logprobs(ref, ro, args) if ref is not None else old_logprobs
+    timing["forward"] = time.time() - t
+    reward_kl_coef = args.kl_coef if args.kl_in == "reward" else 0.0  # --kl-in loss: a loss term instead
+    scores_used = group_baseline(scores, args.n_samples) if args.baseline else scores
+    r = token_rewards(scores_used.to(ctx.device), old_logprobs, ref_logprobs, mask, reward_kl_coef,
+                      args.kl_estimator)  # r_t, (N, R)
+    returns = discounted_returns(r, mask, args.gamma)
+    return old_logprobs, ref_logprobs, global_whiten(returns, mask)
+
+
+def policy_update(args, policy, ro, old_logprobs, ref_logprobs, advantages, step, ctx, timing):
+    """Epochs x minibatches (one optimizer step each) x micro-batches of the PPO-clipped loss:
+    (the statistics summed over micro-batches and ranks, with "loss" the optimizer steps' mean loss; the
+    sampler/trainer log-prob gap)."""
+    t = time.time()
+    mask = ro.response_mask.float()
+    stats, gap = Stats(), rollout.SamplerGap()
+    n_total, epochs = len(advantages), args.ppo_epochs
+    for _ in range(epochs):
+        for minibatch in torch.randperm(n_total).chunk(args.num_minibatches):
+            first = gap.count == 0  # before this step's first update: the sampler's error alone
+            mb_tokens = dist.all_reduce(mask[minibatch].sum()).item()  # the minibatch's tokens, all ranks
+            micro = data.micro_batches(minibatch, args.micro_batch_size)
+            for k, idx in enumerate(micro):
+                m = mask[idx]
+                logprobs, entropy = rollout.response_logprobs(
+                    policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
+                if first:
+                    gap.add(logprobs, ro.logprobs[idx], m)
+                w = tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
+                # share of the token mean over the minibatch, all ranks
+                per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps_low,
+                                              args.eps_high, args.dual_clip, args.delta)
+                per_token = per_token * w
+                share = (per_token * m).sum() / mb_tokens
+                if args.kl_in == "loss" and args.kl_coef > 0:  # share of kl_coef x the token-mean KL
+                    kl = kl_penalty(logprobs, ref_logprobs[idx], args.kl_estimator)
+                    share = share + args.kl_coef * (kl * m).sum() / mb_tokens
+                engine.train_micro_batch(policy, share, ctx, step, last=k == len(micro) - 1)
+                ratio = torch.exp(logprobs.detach() - old_logprobs[idx])
+                clipped = ((ratio < 1 - args.eps_low) | (ratio > 1 + args.eps_high)).float()
+                kl_ref = (old_logprobs[idx] - ref_logprobs[idx]) * m  # k1 of the sampled tokens
+                stats.add(loss=share.item(), kl_ref=kl_ref.sum().item(), entropy=(entropy * m).sum().item(),
+                          clipped=(clipped * m).sum().item(), tokens=m.sum().item())
+    totals = stats.all_ranks()
+    totals["loss"] /= epochs * args.num_minibatches  # each optimizer step's loss is the sum of its shares
+    timing["train"] = time.time() - t
+    return totals, gap
+
+
+def step_metrics(args, step, ro, scores, parts, totals, gap, policy, generator) -> dict:
+    """The step's figures under stable names: the rollout, the update's statistics per response token (all
+    ranks), the sampler/trainer gap (it stops a run whose sampler is stale), the loss, the learning rate."""
+    tokens = max(totals["tokens"], 1)
+    return {
+        "rollout/reward": scores.mean().item(), "rollout/reward_std": scores.std().item(),
+        **{f"rollout/reward_{k}": v.mean().item() for k, v in parts.items() if len(parts) > 1},
+        "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
+        "rollout/truncated_frac": 1 - ro.eos.float().mean().item(),
+        "policy/kl_ref": totals["kl_ref"] / tokens, "policy/entropy": totals["entropy"] / tokens,
+        "policy/clip_frac": totals["clipped"] / tokens,
+        **gap.check(args, generator.backend, step),
+        "loss/policy": totals["loss"], "train/lr": policy.get_lr()[0],
+        "train/optimizer_steps": policy.global_steps}
 
 
 def main(args: Args):
@@ -174,122 +291,57 @@ def main(args: Args):
     prompts = data.tokenize(train_rows, tok, "prompt", args, "train", dist.say)
     eval_prompts = data.tokenize(eval_rows, tok, "prompt", args, "eval", dist.say) if eval_rows else []
     reward_fn = rewards.build(args, ctx, probe=prompts[0])  # one trial call, before anything is written
-    scorers = rewards.eval_scorers(args, eval_prompts, reward_fn, rule_rewards=True)  # eval/task_score, eval/reward
+    # held-out scorers: eval/task_score, eval/reward
+    scorers = rewards.eval_scorers(args, eval_prompts, reward_fn, rule_rewards=True)
 
-    # 2. models: policy (trained), reference (frozen; only with beta > 0): with LoRA the policy, adapters off
+    # 2. models: policy (trained), reference (frozen; kl_coef > 0 only): with LoRA the policy, adapters off
     policy = engine.load_model(args.model_path, args, ctx, lora="train")
     ref = None
-    if args.beta > 0:
+    if args.kl_coef > 0:
         ref = lora.reference(policy, args) or engine.wrap_frozen(
             engine.load_model(args.model_path, args, ctx, lora="start"), args, ctx)
     out = engine.prepare_output_dir(args, ctx, "reinforce_pp")
     total_updates = args.steps * args.ppo_epochs * args.num_minibatches
-    policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum, total_updates)
+    policy = engine.wrap_trainable(policy, args, ctx, args.lr, args.micro_batch_size, grad_accum,
+                                   total_updates)
     tracker = Tracker(args, out, ctx, "reinforce_pp")
     sampler = data.Sampler(len(prompts), args.seed)
     step, before = 0, None
     if args.resume:
         state = engine.load_checkpoint(out, {"policy": policy}, ctx)
         step, before = state["step"], state["before"]
-    generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf or vllm; synced after updates
-    evaluate = functools.partial(rollout.greedy_eval, generator, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
+    generator = rollout.Generator(args, policy, tok, ctx)  # --rollout-backend hf/vllm; synced after updates
+    evaluate = functools.partial(rollout.greedy_eval, generator, tok, eval_prompts, scorers, ctx,
+                                 args.max_new_tokens)
     if before is None:
         before = tracker.evaluation("before", *evaluate())
 
     while step < args.steps:
-        t0, timing, metrics = time.time(), {}, {}
+        step += 1  # the step trained now, 1-based as in the logs
+        t0, timing = time.time(), {}
         # 3. sample n responses per prompt and score them
-        batch = [prompts[i] for i in sampler.rank_batch(step, args.prompts_per_step, ctx)]
-        t = time.time()
-        ro = generator.generate([p["prompt_ids"] for p in batch], args.n_samples, args.temperature,
-                                args.top_p, args.max_new_tokens)
-        timing["generate"] = time.time() - t
-        t = time.time()
-        texts = [batch[i]["prompt"] for i in ro.prompt_index.tolist()]
-        extras = {k: [batch[i]["extras"][k] for i in ro.prompt_index.tolist()] for k in batch[0]["extras"]}
-        scores, parts = reward_fn(texts, ro.texts, ro.eos.tolist(), extras, step=step + 1)
-        timing["score"] = time.time() - t
-        metrics["rollout/zero_std_groups_frac"] = (scores.view(-1, args.n_samples).std(1) == 0).float().mean().item() \
-            if args.n_samples > 1 else 0.0
-        if not torch.isfinite(scores).all():
-            raise dist.Diverged(f"non-finite reward at step {step + 1}; stopping (the last checkpoint is intact)")
+        ro, scores, parts, metrics = sample_batch(args, prompts, sampler, step, generator, reward_fn, ctx,
+                                                  timing)
 
-        # 4. old (the sampler's when exact: HF backend in fp32) and reference log-probs; token rewards, returns,
-        # globally whitened advantages
-        t = time.time()
-        mask = ro.response_mask.float()
-        with torch.no_grad():
-            chunks = data.micro_batches(torch.arange(len(scores)), args.micro_batch_size)
-            old_logprobs = ro.logprobs if generator.exact_logprobs else torch.cat([rollout.response_logprobs(
-                policy, ro.input_ids[mb], ro.attention_mask[mb], ro.prompt_len, args.temperature) for mb in chunks])
-            ref_logprobs = torch.cat([rollout.response_logprobs(ref, ro.input_ids[mb], ro.attention_mask[mb],
-                                                                ro.prompt_len, args.temperature) for mb in chunks]) \
-                if ref is not None else old_logprobs
-        timing["forward"] = time.time() - t
-        scores_used = group_baseline(scores, args.n_samples) if args.baseline else scores
-        beta_reward = args.beta if args.kl_in == "reward" else 0.0  # --kl-in loss: the KL is a loss term below
-        returns = discounted_returns(token_rewards(scores_used.to(ctx.device), old_logprobs, ref_logprobs, mask,
-                                                   beta_reward, args.kl_estimator), mask, args.gamma)
-        advantages = global_whiten(returns, mask)
+        # 4. old and reference log-probs; token rewards, returns, globally whitened advantages
+        old_logprobs, ref_logprobs, advantages = compute_advantages(args, policy, ref, generator, ro, scores,
+                                                                    ctx, timing)
 
-        # 5. PPO-clipped updates over minibatches
-        t = time.time()
-        stats, gap = torch.zeros(5, dtype=torch.float64), rollout.SamplerGap()
-        n_total = len(scores)
-        for _ in range(args.ppo_epochs):
-            for minibatch in torch.randperm(n_total).chunk(args.num_minibatches):
-                first = gap.count == 0  # before this step's first update: the sampler's error alone
-                mb_tokens = dist.all_reduce(mask[minibatch].sum()).item()
-                for idx in data.micro_batches(minibatch, args.micro_batch_size):
-                    logprobs, entropy = rollout.response_logprobs(
-                        policy, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len, args.temperature, True)
-                    m = mask[idx]
-                    if first:
-                        gap.add(logprobs, ro.logprobs[idx], m)
-                    # share of the token mean over the minibatch (all ranks)
-                    per_token = clipped_surrogate(logprobs, old_logprobs[idx], advantages[idx], args.eps,
-                                                  args.dual_clip, args.delta)
-                    per_token = per_token * tis_weights(old_logprobs[idx], ro.logprobs[idx], args.tis_cap)
-                    loss = (per_token * m).sum() / mb_tokens * ctx.world
-                    if ref is not None and args.kl_in == "loss":  # share of beta x the minibatch's token-mean KL
-                        kl = kl_penalty(logprobs, ref_logprobs[idx], args.kl_estimator)
-                        loss = loss + args.beta * (kl * m).sum() / mb_tokens * ctx.world
-                    # DeepSpeed divides by grad_accum and averages over ranks
-                    loss = loss * grad_accum
-                    if not torch.isfinite(loss):
-                        raise dist.Diverged(f"non-finite loss at step {step + 1}; stopping (the last checkpoint is intact)")
-                    policy.backward(loss)
-                    policy.step()
-                    ratio = torch.exp(logprobs.detach() - old_logprobs[idx])
-                    clipped = ((ratio - 1).abs() > args.eps).float()
-                    stats += torch.tensor([loss.item(), ((old_logprobs[idx] - ref_logprobs[idx]) * m).sum().item(),
-                                           (entropy * m).sum().item(), (clipped * m).sum().item(), m.sum().item()],
-                                          dtype=torch.float64)
-                grad_norm = policy.get_global_grad_norm()
-                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    raise dist.Diverged(f"non-finite gradient norm at step {step + 1}; stopping (the last checkpoint "
-                                       f"is intact)")
-        timing["train"] = time.time() - t
+        # 5. PPO-clipped updates: epochs x minibatches (an optimizer step each) x micro-batches
+        totals, gap = policy_update(args, policy, ro, old_logprobs, ref_logprobs, advantages, step, ctx,
+                                    timing)
         timing["weight_sync"] = generator.sync(policy)  # the next rollout samples from the updated policy
-        step += 1
 
         # 6. log, evaluate, save
-        n_tok = max(stats[4].item(), 1)
-        metrics.update({
-            "rollout/reward": scores.mean().item(), "rollout/reward_std": scores.std().item(),
-            **{f"rollout/reward_{k}": v.mean().item() for k, v in parts.items() if len(parts) > 1},
-            "rollout/response_length": ro.response_mask.sum(1).float().mean().item(),
-            "rollout/truncated_frac": 1 - ro.eos.float().mean().item(), "policy/kl_ref": stats[1].item() / n_tok,
-            "policy/entropy": stats[2].item() / n_tok, "policy/clip_frac": stats[3].item() / n_tok,
-            **gap.check(args, generator.backend, step),
-            "loss/policy": stats[0].item(), "train/lr": policy.get_lr()[0],
-            "perf/tokens_per_s": ro.attention_mask.sum().item() * ctx.world / (time.time() - t0),
-            **{f"time/{k}": v for k, v in timing.items()}})
+        metrics.update(step_metrics(args, step, ro, scores, parts, totals, gap, policy, generator))
+        metrics["perf/tokens_per_s"] = ro.attention_mask.sum().item() * ctx.world / (time.time() - t0)
+        metrics.update({f"time/{k}": v for k, v in timing.items()})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics.update(tracker.evaluation(f"step {step}", *evaluate()))
         tracker.log(step, metrics, show=("rollout/reward", "policy/kl_ref", "rollout/response_length",
                                          "eval/task_score"))
-        if engine.periodic_save(args, out, step, {"policy": policy}, {"step": step, "before": before}, tok, ctx):
+        state = {"step": step, "before": before}
+        if engine.periodic_save(args, out, step, {"policy": policy}, state, tok, ctx):
             return
 
     # 7. final eval and export

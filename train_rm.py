@@ -1,14 +1,15 @@
-"""Reward model (step 2 of SFT -> RM -> RL): Bradley-Terry on preference pairs, scored at the last token that is not
-the pad token (the EOS, or the token before it when pad == eos: where transformers reads a sequence classifier).
+"""Reward model (step 2 of SFT -> RM -> RL): Bradley-Terry on preference pairs, scored at the last token
+that is not the pad token (the EOS, or the token before it when pad == eos: where transformers reads a
+sequence classifier).
 
-    python train_rm.py                                    # from the embedded SFT model, built-in addition pairs
+    python train_rm.py                                    # the embedded SFT model, built-in addition pairs
     deepspeed train_rm.py --model-path SFT_DIR --dataset pairs.jsonl --output-dir runs/rm
 
-Data: `prompt` + `chosen` + `rejected` columns, or `chosen` + `rejected` as two whole conversations that differ only
-in the last (assistant) message. An optional `--margin-column` gives a per-pair margin (Llama 2).
+Data: `prompt` + `chosen` + `rejected` columns, or `chosen` + `rejected` as two whole conversations that
+differ only in the last (assistant) message. An optional `--margin-column` gives a per-pair margin (Llama 2).
 
-The saved directory loads with `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`; its config
-carries `reward_mean` and `reward_std` (over train responses) for the RL scripts to normalise with.
+The saved directory loads with `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`; its
+config carries `reward_mean` and `reward_std` (over train responses) for the RL scripts to normalise with.
 """
 import gc
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from shared import data, dist, engine, rewards, rollout
 from shared.args import DataArgs, LoraArgs, RunArgs
-from shared.tracking import Tracker
+from shared.tracking import Stats, Tracker
 
 
 @dataclass
@@ -26,7 +27,8 @@ class Args(RunArgs, DataArgs, LoraArgs):
     model_path: str = engine.DEFAULT_SFT
     """model to start from (usually the SFT model); a scalar score head is added on top"""
     margin_column: str = ""
-    """column with a per-pair margin m in the loss -log sigmoid(r_chosen - r_rejected - m) (empty: no margin)"""
+    """column with a per-pair margin m in the loss -log sigmoid(r_chosen - r_rejected - m)
+    (empty: no margin)"""
     steps: int = 1000
     """optimizer steps"""
     batch_size: int = 64
@@ -44,8 +46,9 @@ class Args(RunArgs, DataArgs, LoraArgs):
     stats_examples: int = 1024
     """train pairs used to measure the reward mean/std saved in the config"""
     eval_policy_path: str = ""
-    """a policy whose greedy responses to the held-out prompts are scored with the task score (--eval-reward-fn, or
-    the built-in task's checker) once, before training: eval/task_score, a reference beside the RM's figures"""
+    """a policy whose greedy responses to the held-out prompts are scored with the task score
+    (--eval-reward-fn, or the built-in task's checker) once, before training: eval/task_score, a reference
+    beside the RM's figures"""
     max_new_tokens: int = 256
     """response length limit of --eval-policy-path's greedy responses"""
 
@@ -62,14 +65,16 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 
 def score_pairs(model, pairs, pad_id, device):
-    """Scores (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch, read at `engine.score_index`;
-    each pair's prompt is computed once for its two responses (engine.response_forward)."""
+    """Scores (chosen (B,), rejected (B,)) in ONE pass over the concatenated batch, read at
+    `engine.score_index`; each pair's prompt is computed once for its two responses
+    (engine.response_forward)."""
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    ids, mask, rmask, p_len = data.collate_responses(seqs, [p["prompt_len"] for p in pairs] * 2, pad_id, device)
+    prompt_lens = [p["prompt_len"] for p in pairs] * 2
+    ids, mask, rmask, p_len = data.collate_responses(seqs, prompt_lens, pad_id, device)
     values = engine.token_scores(model, ids, mask, p_len, to_end=True)  # positions prompt_len - 1 .. end
-    # read where transformers reads an exported classifier: the last token that is not the pad token (before the EOS
-    # when pad == eos); a row whose response is only that token and whose prompt ends in it (never with a chat
-    # template) is read at the prompt's last token instead of earlier
+    # read where transformers reads an exported classifier: the last token that is not the pad token
+    # (before the EOS when pad == eos); a row whose response is only that token and whose prompt ends in it
+    # (never with a chat template) is read at the prompt's last token instead of earlier
     at = (engine.score_index(ids, mask, pad_id) - (p_len - 1)).clamp(min=0)
     scores = values.gather(1, at[:, None]).squeeze(1)
     return scores[: len(pairs)], scores[len(pairs):]
@@ -80,7 +85,7 @@ def evaluate(model, pairs, pad_id, args, ctx) -> dict:
     """Held-out pair accuracy (r_chosen > r_rejected), loss and mean margin, over all ranks."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct, loss sum, margin sum, count
-    for mb in data.rank_micro_batches(pairs, args.micro_batch_size, ctx):  # the same number of calls on every rank
+    for mb in data.rank_micro_batches(pairs, args.micro_batch_size, ctx):  # the same calls on every rank
         c, r = score_pairs(model, mb or pairs[:1], pad_id, ctx.device)
         if mb:
             totals += torch.tensor([(c > r).sum().item(), bradley_terry_loss(c, r).item() * len(mb),
@@ -100,19 +105,20 @@ def reward_stats(model, pairs, pad_id, args, ctx) -> tuple[float, float]:
     for mb in data.rank_micro_batches(pairs[: args.stats_examples], args.micro_batch_size, ctx):
         scores = torch.cat(score_pairs(model, mb or pairs[:1], pad_id, ctx.device)).double().cpu()
         if mb:
-            s += torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(float(len(scores)), dtype=torch.float64)])
+            count = torch.tensor(float(len(scores)), dtype=torch.float64)
+            s += torch.stack([scores.sum(), (scores**2).sum(), count])
     dist.all_reduce(s)
     mean = s[0] / s[2]
     return mean.item(), (s[1] / s[2] - mean**2).clamp(min=1e-12).sqrt().item()
 
 
 def policy_task_score(args, ctx, tok, prompts, scorers):
-    """(eval/task_score, samples) of --eval-policy-path's greedy responses to the held-out prompts; the policy is
-    loaded for this and freed."""
+    """(eval/task_score, samples) of --eval-policy-path's greedy responses to the held-out prompts; the policy
+    is loaded for this and freed."""
     if not scorers:
         return {}, []
-    policy = engine.wrap_frozen(engine.load_model(args.eval_policy_path, args, ctx, flag="--eval-policy-path"),
-                                args, ctx)
+    policy = engine.load_model(args.eval_policy_path, args, ctx, flag="--eval-policy-path")
+    policy = engine.wrap_frozen(policy, args, ctx)
     scores = rollout.greedy_eval(policy, tok, prompts, scorers, ctx, args.max_new_tokens)
     del policy
     gc.collect()
@@ -124,6 +130,7 @@ def main(args: Args):
     # 1. check flags and data before anything is written
     grad_accum = data.check_batch_sizes(args.batch_size, args, ctx.world)
     tok = engine.load_tokenizer(args.model_path, args)
+    pad_id = tok.pad_token_id
     train_rows, eval_rows = data.train_eval_rows(args, "pair")
     train = data.tokenize(train_rows, tok, "pair", args, "train", dist.say)
     evals = data.tokenize(eval_rows, tok, "pair", args, "eval", dist.say) if eval_rows else []
@@ -135,7 +142,9 @@ def main(args: Args):
         margins = torch.tensor([float(r[args.margin_column]) for r in train_rows])
         if len(margins) != len(train):
             raise dist.UserError("--margin-column needs every pair kept: use --overlong truncate")
-    ptok = engine.load_tokenizer(args.eval_policy_path, args, "--eval-policy-path") if args.eval_policy_path else tok
+    ptok = tok  # the tokenizer of --eval-policy-path
+    if args.eval_policy_path:
+        ptok = engine.load_tokenizer(args.eval_policy_path, args, "--eval-policy-path")
     eval_prompts = data.eval_prompts(args, eval_rows, ptok, dist.say) if args.eval_policy_path else []
     scorers = rewards.eval_scorers(args, eval_prompts) if args.eval_policy_path else {}  # eval/task_score
     if not args.eval_policy_path:
@@ -153,35 +162,41 @@ def main(args: Args):
         step, before = state["step"], state["before"]
     if before is None:
         scores, samples = policy_task_score(args, ctx, ptok, eval_prompts, scorers)
-        before = tracker.evaluation("before", {**evaluate(model, evals, tok.pad_token_id, args, ctx), **scores},
-                                    samples)
+        held_out = evaluate(model, evals, pad_id, args, ctx)
+        before = tracker.evaluation("before", {**held_out, **scores}, samples)
 
     # 3. train
     while step < args.steps:
-        stats = torch.zeros(3)
-        for mb in data.micro_batches(sampler.rank_batch(step, args.batch_size, ctx), args.micro_batch_size):
-            chosen, rejected = score_pairs(model, [train[i] for i in mb], tok.pad_token_id, ctx.device)
-            loss = bradley_terry_loss(chosen, rejected, margins[mb].to(ctx.device) if margins is not None else None)
-            model.backward(loss)
-            model.step()
-            stats += torch.tensor([loss.item(), (chosen > rejected).float().mean().item(), 1.0])
+        stats = Stats()
+        batch = sampler.rank_batch(step, args.batch_size, ctx)  # this rank's train indices at this step
+        micro_batches = data.micro_batches(batch, args.micro_batch_size)
+        for k, mb in enumerate(micro_batches):
+            chosen, rejected = score_pairs(model, [train[i] for i in mb], pad_id, ctx.device)
+            margin = margins[mb].to(ctx.device) if margins is not None else None
+            # a micro-batch's share of the batch mean (micro-batches of equal size, on every rank)
+            share = bradley_terry_loss(chosen, rejected, margin) / (grad_accum * ctx.world)
+            engine.train_micro_batch(model, share, ctx, step + 1, last=k == len(micro_batches) - 1)
+            stats.add(loss=share.item(), correct=(chosen > rejected).sum().item(), pairs=len(mb))
         step += 1
-        metrics = {"train/loss": stats[0] / stats[2], "train/pair_accuracy": stats[1] / stats[2],
-                   "train/lr": model.get_lr()[0], "train/pairs_per_s": args.batch_size / max(1e-9, tracker.step_time())}
+        totals = stats.all_ranks()  # sums over every micro-batch of every rank
+        metrics = {"train/loss": totals["loss"], "train/pair_accuracy": totals["correct"] / totals["pairs"],
+                   "train/lr": model.get_lr()[0],
+                   "train/pairs_per_s": args.batch_size / max(1e-9, tracker.step_time())}
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            metrics.update(tracker.evaluation(f"step {step}", evaluate(model, evals, tok.pad_token_id, args, ctx)))
+            metrics.update(tracker.evaluation(f"step {step}", evaluate(model, evals, pad_id, args, ctx)))
         tracker.log(step, metrics, show=("train/loss", "train/pair_accuracy", "eval/pair_accuracy"))
-        if engine.periodic_save(args, out, step, {"model": model}, {"step": step, "before": before}, tok, ctx):
+        if engine.periodic_save(args, out, step, {"model": model},
+                                {"step": step, "before": before}, tok, ctx):
             return
 
     # 4. final eval, reward statistics, export
-    after = evaluate(model, evals, tok.pad_token_id, args, ctx)
+    after = evaluate(model, evals, pad_id, args, ctx)
     after = tracker.evaluation("after", {**after, **{k: before[k] for k in scorers if k in before}})
-    mean, std = reward_stats(model, train, tok.pad_token_id, args, ctx)
+    mean, std = reward_stats(model, train, pad_id, args, ctx)
     engine.export_hf(model, tok, out, ctx, {"reward_mean": mean, "reward_std": std})
-    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world, "reward_mean": mean,
-                     "reward_std": std, "model_path": args.model_path, "dataset": args.dataset,
-                     "sources": rewards.sources(scorers)})
+    tracker.summary({"before": before, "after": after, "steps": step, "world_size": ctx.world,
+                     "reward_mean": mean, "reward_std": std, "model_path": args.model_path,
+                     "dataset": args.dataset, "sources": rewards.sources(scorers)})
     tracker.print(f"[train_rm] reward mean {mean:.3f} std {std:.3f}; saved to {out}")
 
 

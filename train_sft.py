@@ -5,9 +5,9 @@
     deepspeed --num_gpus 8 train_sft.py --model-path MODEL --dataset HUB_NAME --zero-stage 3
 
 Data: `prompt` + `response` columns (strings or chat messages), or one `messages` column holding whole
-conversations (the last, assistant message is the response). The prompt is masked out of the loss; the response
-ends with exactly one EOS, which is trained on. --assistant-turns all trains on every assistant turn of a
-conversation (its content and EOS), the user/system turns and the template's markup masked.
+conversations (the last, assistant message is the response). The prompt is masked out of the loss; the
+response ends with exactly one EOS, which is trained on. --assistant-turns all trains on every assistant turn
+of a conversation (its content and EOS), the user/system turns and the template's markup masked.
 """
 import functools
 from dataclasses import dataclass
@@ -16,19 +16,21 @@ import torch
 
 from shared import data, dist, engine, rewards, rollout
 from shared.args import DataArgs, LoraArgs, RunArgs
-from shared.tracking import Tracker
+from shared.tracking import Stats, Tracker
 
 
 @dataclass
 class Args(RunArgs, DataArgs, LoraArgs):
     model_path: str = "tiny"
-    """model to fine-tune: a local HF directory, a hub name, or `tiny` (the tiny default Llama, built from scratch)"""
+    """model to fine-tune: a local HF directory, a hub name, or `tiny` (the tiny default Llama, built
+    from scratch)"""
     steps: int = 600
     """optimizer steps"""
     batch_size: int = 64
     """global batch size (examples per optimizer step, all ranks together)"""
     micro_batch_size: int = 8
-    """examples per forward pass per rank; batch_size / (micro_batch_size x ranks) gives gradient accumulation"""
+    """examples per forward pass per rank; batch_size / (micro_batch_size x ranks) gives the gradient
+    accumulation steps"""
     lr: float = 2e-5
     """peak learning rate (AdamW; TRL's SFT default)"""
     warmup_steps: int = 20
@@ -38,8 +40,8 @@ class Args(RunArgs, DataArgs, LoraArgs):
     max_new_tokens: int = 256
     """response length limit of the greedy task-score eval"""
     assistant_turns: str = "last"
-    """conversations: last, the loss on the last assistant message only (its EOS included); all, on every assistant
-    message's content and its EOS (end-of-turn token), nothing else of the conversation"""
+    """conversations: last, the loss on the last assistant message only (its EOS included); all, on every
+    assistant message's content and its EOS (end-of-turn token), nothing else of the conversation"""
 
 
 # Defaults tuned for the embedded 0.8M demo model (and models trained from it), which --defaults auto picks
@@ -49,20 +51,20 @@ EMBEDDED = dict(lr=1e-3, warmup_steps=50, micro_batch_size=64, max_new_tokens=8)
 
 def sft_loss(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over response tokens of -log p(y_t | x, y_<t).
-    logits (B, R, V) at the positions that predict the response tokens `responses` (B, R); response_mask (B, R)
-    marks the real ones (not padding)."""
+    logits (B, R, V) at the positions that predict the response tokens `responses` (B, R); response_mask
+    (B, R) marks the real ones (not padding)."""
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
     mask = response_mask.float()
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
 def response_logits(model, examples: list[dict], pad_id: int, device):
-    """(logits (B, R, V), responses (B, R), response_mask (B, R), attended tokens): prompts left-padded, responses
-    right-padded, and the LM head run only on the positions that predict a response token (no vocabulary-sized
-    logits over the prompt)."""
+    """(logits (B, R, V), responses (B, R), response_mask (B, R), attended tokens): prompts left-padded,
+    responses right-padded, and the LM head run only on the positions that predict a response token (no
+    vocabulary-sized logits over the prompt)."""
     ids, mask, rmask, p_len = data.collate_responses([e["input_ids"] for e in examples],
                                                      [e["prompt_len"] for e in examples], pad_id, device)
-    if any("loss_mask" in e for e in examples):  # --assistant-turns all: only the assistant turns of the response
+    if any("loss_mask" in e for e in examples):  # --assistant-turns all: only the response's assistant turns
         turns = torch.zeros_like(rmask)
         for i, e in enumerate(examples):
             m = e.get("loss_mask", [1] * (len(e["input_ids"]) - e["prompt_len"]))
@@ -76,8 +78,9 @@ def evaluate(model, tok, eval_examples, eval_prompts, scorers, args, ctx):
     """(metrics, samples): held-out NLL (token mean over all ranks) and the task score of greedy responses."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for mb in data.rank_micro_batches(eval_examples, args.micro_batch_size, ctx):  # same number of calls per rank
-        logits, responses, rmask, _ = response_logits(model, mb or eval_examples[:1], tok.pad_token_id, ctx.device)
+    for mb in data.rank_micro_batches(eval_examples, args.micro_batch_size, ctx):  # same calls on every rank
+        examples = mb or eval_examples[:1]  # (an empty micro-batch runs a stand-in, dropped)
+        logits, responses, rmask, _ = response_logits(model, examples, tok.pad_token_id, ctx.device)
         if mb:
             n_tokens = rmask.sum().double().cpu()
             totals += torch.stack([sft_loss(logits, responses, rmask).double().cpu() * n_tokens, n_tokens])
@@ -92,6 +95,7 @@ def main(args: Args):
     # 1. check flags and data before anything is written
     grad_accum = data.check_batch_sizes(args.batch_size, args, ctx.world)
     tok = engine.load_tokenizer(args.model_path, args)
+    pad_id = tok.pad_token_id
     train_rows, eval_rows = data.train_eval_rows(args, "sft")
     train = data.tokenize(train_rows, tok, "sft", args, "train", dist.say)
     evals = data.tokenize(eval_rows, tok, "sft", args, "eval", dist.say) if eval_rows else []
@@ -99,7 +103,8 @@ def main(args: Args):
     scorers = rewards.eval_scorers(args, eval_prompts)  # eval/task_score
 
     # 2. model, DeepSpeed engine, output directory, resume
-    model = engine.load_model(args.model_path, args, ctx, seed=args.seed, dropout=True, lora="train")  # keeps dropout
+    # (SFT keeps the model's own dropout; the other scripts switch it off)
+    model = engine.load_model(args.model_path, args, ctx, seed=args.seed, dropout=True, lora="train")
     out = engine.prepare_output_dir(args, ctx, "train_sft")
     model = engine.wrap_trainable(model, args, ctx, args.lr, args.micro_batch_size, grad_accum, args.steps)
     tracker = Tracker(args, out, ctx, "train_sft")
@@ -115,22 +120,25 @@ def main(args: Args):
 
     # 3. train
     while step < args.steps:
-        losses, n_tokens = [], 0
-        for mb in data.micro_batches(sampler.rank_batch(step, args.batch_size, ctx), args.micro_batch_size):
-            logits, responses, rmask, attended = response_logits(model, [train[i] for i in mb], tok.pad_token_id,
-                                                                 ctx.device)
-            loss = sft_loss(logits, responses, rmask)
-            model.backward(loss)
-            model.step()
-            losses.append(loss.item())
-            n_tokens += attended
+        stats = Stats()
+        batch = sampler.rank_batch(step, args.batch_size, ctx)  # this rank's train indices at this step
+        micro_batches = data.micro_batches(batch, args.micro_batch_size)
+        for k, mb in enumerate(micro_batches):
+            examples = [train[i] for i in mb]
+            logits, responses, rmask, attended = response_logits(model, examples, pad_id, ctx.device)
+            # a micro-batch's share of the batch mean (micro-batches of equal size, on every rank)
+            share = sft_loss(logits, responses, rmask) / (grad_accum * ctx.world)
+            engine.train_micro_batch(model, share, ctx, step + 1, last=k == len(micro_batches) - 1)
+            stats.add(loss=share.item(), tokens=attended)
         step += 1
-        metrics = {"train/loss": sum(losses) / len(losses), "train/lr": model.get_lr()[0],
-                   "train/tokens_per_s": n_tokens * ctx.world / max(1e-9, tracker.step_time())}
+        totals = stats.all_ranks()  # sums over every micro-batch of every rank
+        metrics = {"train/loss": totals["loss"], "train/lr": model.get_lr()[0],
+                   "train/tokens_per_s": totals["tokens"] / max(1e-9, tracker.step_time())}
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics.update(tracker.evaluation(f"step {step}", *evaluation()))
         tracker.log(step, metrics, show=("train/loss", "eval/loss", "eval/task_score", "train/tokens_per_s"))
-        if engine.periodic_save(args, out, step, {"model": model}, {"step": step, "before": before}, tok, ctx):
+        if engine.periodic_save(args, out, step, {"model": model},
+                                {"step": step, "before": before}, tok, ctx):
             return
 
     # 4. final eval and export

@@ -464,14 +464,14 @@ def realistic_plan(d: str, common: list, quick: bool):
           "--reward-fn", "addition", *data("prompts"), *ln, *common]
     rcfg = dict(tcfg, steps=n, data=f"{d}/prompts.jsonl", micro_batch_size=p * k, n_samples=k,
                 max_new_tokens=RESPONSE_LEN)
-    grpo_workers = [ours("grpo.py", rl + ["--beta", "0.04"])]
+    grpo_workers = [ours("grpo.py", rl + ["--kl-coef", "0.04"])]
     if importlib.util.find_spec("vllm") and "RolloutArgs" in (ROOT / "grpo.py").read_text():
-        grpo_workers.append(ours("grpo.py", rl + ["--beta", "0.04", "--rollout-backend", "vllm"]))
+        grpo_workers.append(ours("grpo.py", rl + ["--kl-coef", "0.04", "--rollout-backend", "vllm"]))
         grpo_workers[-1].label = "ours:grpo.py+vllm"
     out.append(("grpo-realistic", "realistic", grpo_workers + [trl("GRPOTrainer", dict(rcfg, algo="grpo", lr=1e-4,
                                                                                        beta=0.04))], n))
     out.append(("rloo-realistic", "realistic", [
-        ours("rloo.py", rl + ["--beta", "0.05"]),
+        ours("rloo.py", rl + ["--kl-coef", "0.05"]),
         trl("RLOOTrainer", dict(rcfg, algo="rloo", lr=1e-4, beta=0.05))], n))
     return out
 

@@ -16,7 +16,8 @@ class UserError(Exception):
 
 
 class Diverged(RuntimeError):
-    """A NaN or inf in a reward, loss or gradient: the run stops (exit code 3); checkpoints already written stay."""
+    """A NaN or inf in a reward, loss or gradient: the run stops (exit code 3); checkpoints already written
+    stay."""
 
 
 def say(*a):
@@ -26,13 +27,14 @@ def say(*a):
 
 
 def cli(main, args_cls, embedded: dict | None = None):
-    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2. SIGTERM and
-    SIGINT stop the run at the end of the current step with a checkpoint (`stop_signal`), exit code 128 + signal.
+    """Parse flags with tyro and run `main(args)`; a UserError becomes a one-line message and exit code 2.
+    SIGTERM and SIGINT stop the run at the end of the current step with a checkpoint (`stop_signal`), exit
+    code 128 + signal.
 
-    Two columns of defaults: the dataclass holds the values for pretrained models; `embedded` those tuned for the
-    0.8M demo model. `--defaults auto` takes the embedded column when --model-path is the demo model or was trained
-    from it. With --lora-rank the learning rates are 10x the column's. Flags given on the command line always win
-    (tyro parses them again over the resolved defaults)."""
+    Two columns of defaults: the dataclass holds the values for pretrained models; `embedded` those tuned for
+    the 0.8M demo model. `--defaults auto` takes the embedded column when --model-path is the demo model or
+    was trained from it. With --lora-rank the learning rates are 10x the column's. Flags given on the command
+    line always win (tyro parses them again over the resolved defaults)."""
     import dataclasses
 
     from shared import args as flags, engine, tasks
@@ -50,14 +52,15 @@ def cli(main, args_cls, embedded: dict | None = None):
             "embedded" if embedded and engine.is_embedded(args.model_path) else "pretrained")
         base = dataclasses.replace(args_cls(), **(embedded if column == "embedded" and embedded else {}))
         if getattr(args, "lora_rank", 0) > 0:  # LoRA learns best at ~10x the full fine-tuning rate
-            rates = {k: float(f"{10 * getattr(base, k):.6g}") for k in ("lr", "critic_lr") if hasattr(base, k)}
+            rates = {k: float(f"{10 * getattr(base, k):.6g}")
+                     for k in ("lr", "critic_lr") if hasattr(base, k)}
             base = dataclasses.replace(base, **rates)
         if base != args_cls():
             args = flags.parse(args_cls, base, description)
         args.defaults = column
         if embedded and args.model_path == args_cls().model_path and args.dataset not in tasks.TASKS:
-            say(f"[warning] --model-path is the embedded 0.8M demo model ({args.model_path}), trained on the built-in "
-                f"task only; on your own data give your model with --model-path")
+            say(f"[warning] --model-path is the embedded 0.8M demo model ({args.model_path}), trained on the "
+                f"built-in task only; on your own data give your model with --model-path")
         main(args)
     except (UserError, Diverged) as e:
         if os.environ.get("RANK", "0") == "0":
@@ -74,16 +77,17 @@ ECHO_S = 2.0  # a repeat within this many seconds is the same request arriving t
 
 
 def _on_signal(signum, frame):
-    """SIGTERM (SLURM, Kubernetes, the deepspeed launcher) or SIGINT (Ctrl-C): note it; the loop stops at the end of
-    the current step (`stop_signal`). A second one exits at once, without a checkpoint. One arriving within ECHO_S of
-    the first is not a second one: under the deepspeed launcher a Ctrl-C reaches each rank twice, from the terminal
-    and as the launcher's SIGTERM (and a scheduler may signal both the launcher and the ranks)."""
+    """SIGTERM (SLURM, Kubernetes, the deepspeed launcher) or SIGINT (Ctrl-C): note it; the loop stops at the
+    end of the current step (`stop_signal`). A second one exits at once, without a checkpoint. One arriving
+    within ECHO_S of the first is not a second one: under the deepspeed launcher a Ctrl-C reaches each rank
+    twice, from the terminal and as the launcher's SIGTERM (and a scheduler may signal both the launcher and
+    the ranks)."""
     name, rank0 = signal.Signals(signum).name, os.environ.get("RANK", "0") == "0"
     if not _received[0]:
         _received[:] = signum, time.monotonic()
         if rank0:  # os.write: print() could re-enter a stream the interrupted code is writing to
-            os.write(2, f"\n{name}: stopping after this step with a checkpoint; send it again to exit at once\n"
-                     .encode())
+            os.write(2, (f"\n{name}: stopping after this step with a checkpoint; "
+                         f"send it again to exit at once\n").encode())
     elif time.monotonic() - _received[1] > ECHO_S:
         if rank0:
             os.write(2, f"\n{name} again: exiting now, without a checkpoint\n".encode())
@@ -91,8 +95,8 @@ def _on_signal(signum, frame):
 
 
 def stop_signal() -> int:
-    """At a step boundary, on every rank: the signal (SIGTERM/SIGINT) any rank has received, else 0. All ranks get the
-    same answer (a max all-reduce), so all stop after the same step."""
+    """At a step boundary, on every rank: the signal (SIGTERM/SIGINT) any rank has received, else 0. All ranks
+    get the same answer (a max all-reduce), so all stop after the same step."""
     global stopped_by
     stopped_by = int(all_reduce(torch.tensor([float(_received[0])]), "max").item())
     return stopped_by
@@ -102,8 +106,8 @@ _finish_hooks = []
 
 
 def at_finish(fn):
-    """Run fn() in `finish`, after the last barrier and before the process group goes (a vLLM engine shuts down
-    there: it destroys its groups and the default one itself)."""
+    """Run fn() in `finish`, after the last barrier and before the process group goes (a vLLM engine shuts
+    down there: it destroys its groups and the default one itself)."""
     _finish_hooks.append(fn)
 
 
@@ -141,14 +145,16 @@ _control = None  # the gloo group that carries the scripts' own small collective
 
 
 def init(seed: int) -> Ctx:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and seed this rank with seed + rank.
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) and seed this rank with seed +
+    rank.
 
-    The scripts' own collectives (evaluation sums, running moments, token counts, agreement flags, objects) are small
-    CPU values. NCCL serves only GPU tensors ("No backend type associated with device type cpu"), so they travel on a
-    second process group, gloo over CPU, made here on every rank (vLLM keeps such a CPU group beside its NCCL one for
-    the same reason); DeepSpeed's gradient and parameter traffic stays on the default group. The helpers below use
-    it; call them, never torch.distributed directly, from scripts and shared/."""
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+    The scripts' own collectives (evaluation sums, running moments, token counts, agreement flags, objects)
+    are small CPU values. NCCL serves only GPU tensors ("No backend type associated with device type cpu"), so
+    they travel on a second process group, gloo over CPU, made here on every rank (vLLM keeps such a CPU group
+    beside its NCCL one for the same reason); DeepSpeed's gradient and parameter traffic stays on the default
+    group. The helpers below use it; call them, never torch.distributed directly, from scripts and shared/."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)  # plain `python X.py`: without these DeepSpeed tries MPI discovery
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
@@ -200,8 +206,8 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     device, carried on the CPU group; returns the tensor. For statistics, not for gradients."""
     if _multi():
         cpu = t.detach().cpu()
-        dist.all_reduce(cpu, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
-                        group=_control)
+        dist.all_reduce(cpu, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                                 "max": dist.ReduceOp.MAX}[op], group=_control)
         if t.device.type != "cpu":  # (on CPU, `cpu` shares t's storage: already in place)
             with torch.no_grad():
                 t.copy_(cpu)

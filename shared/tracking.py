@@ -1,6 +1,6 @@
 """Logging on rank 0: a progress bar (on a terminal) with a metrics line every --log-every steps and at each
-evaluation, a few sample responses per evaluation, metrics.jsonl (every step, each once also across a --resume),
-summary.json, and wandb with --track (offline unless WANDB_MODE says otherwise)."""
+evaluation, a few sample responses per evaluation, metrics.jsonl (every step, each once also across a
+--resume), summary.json, and wandb with --track (offline unless WANDB_MODE says otherwise)."""
 import json
 import math
 import os
@@ -8,11 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from shared import dist
+
 
 def truncate_metrics(out: Path, step: int):
-    """On --resume: keep the rows of metrics.jsonl up to `step` (the checkpoint's). Later rows, logged by the stopped
-    run after its last checkpoint, would otherwise appear twice: the resumed run logs those steps again. A row cut
-    short by a kill goes too. Atomic: a temporary file, then a rename."""
+    """On --resume: keep the rows of metrics.jsonl up to `step` (the checkpoint's). Later rows, logged by the
+    stopped run after its last checkpoint, would otherwise appear twice: the resumed run logs those steps
+    again. A row cut short by a kill goes too. Atomic: a temporary file, then a rename."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return
@@ -29,10 +33,25 @@ def truncate_metrics(out: Path, step: int):
 
 
 def progress(iterable, desc: str, ctx, total: int | None = None):
-    """A progress bar around `iterable` on rank 0, shown on a terminal only (reference log-probs, evaluation)."""
+    """A progress bar around `iterable` on rank 0, shown on a terminal only (reference log-probs,
+    evaluation)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None if ctx.main else True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                disable=None if ctx.main else True)
+
+
+class Stats(dict):
+    """Per-step statistics summed by name: `stats.add(kl=..., tokens=...)` once per micro-batch, then
+    `stats.all_ranks()` (sums over ranks) and ratios by name, `stats["kl"] / stats["tokens"]`."""
+
+    def add(self, **values):
+        for name, value in values.items():
+            self[name] = self.get(name, 0.0) + float(value)
+
+    def all_ranks(self) -> "Stats":
+        totals = dist.all_reduce(torch.tensor(list(self.values()), dtype=torch.float64))
+        return Stats(zip(self, totals.tolist()))
 
 
 def _fmt(metrics: dict, keys=None) -> str:
@@ -52,7 +71,8 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")
-            self.wandb = wandb.init(project=args.wandb_project, name=out.name, config=vars(args), dir=str(out))
+            self.wandb = wandb.init(project=args.wandb_project, name=out.name, config=vars(args),
+                                    dir=str(out))
 
     def log(self, step: int, metrics: dict, show: tuple = ()):
         """Append to metrics.jsonl, print the `show` metrics on one line, and send everything to wandb."""
@@ -69,8 +89,8 @@ class Tracker:
             self.wandb.log(metrics, step=step)
 
     def evaluation(self, when: str, metrics: dict, samples=()):
-        """Print an evaluation's figures (`when`: before, after, or a step) and up to three sample responses; the
-        clock of `step_time` restarts, so the first step's throughput leaves the evaluation out."""
+        """Print an evaluation's figures (`when`: before, after, or a step) and up to three sample responses;
+        the clock of `step_time` restarts, so the first step's throughput leaves the evaluation out."""
         if self.main:
             self._write(f"[{self.script}] {when}: {_fmt(metrics) or 'no held-out figures'}")
             for prompt, response in list(samples)[:3]:
@@ -90,7 +110,8 @@ class Tracker:
             return
         summary = {**summary, "elapsed_s": round(time.time() - self.start, 2)}
         tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+        tmp.write_text(json.dumps(
+            summary, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
         os.replace(tmp, self.out / "summary.json")
         if self.wandb:
             self.wandb.summary.update(summary)

@@ -242,7 +242,7 @@ CASES = [
     # --- flag combinations
     ("sft-bad-micro-batch-size", "train_sft.py", ["--micro-batch-size", "3"], "must be a positive multiple"),
     ("grpo-num-minibatches-not-dividing", "grpo.py", ["--num-minibatches", "3"], "--num-minibatches must divide"),
-    ("dpo-bad-loss", "dpo.py", ["--loss", "hinj"], "--loss must be one of sigmoid, ipo"),
+    ("dpo-bad-loss", "dpo.py", ["--loss-type", "hinj"], "--loss-type must be one of sigmoid, ipo"),
     ("grpo-bad-loss-agg", "grpo.py", ["--loss-agg", "sum"], "--loss-agg must be"),
     ("ppo-bad-preset", "ppo_max.py", ["--preset", "max"], "--preset must be one of"),
     ("grpo-one-sample", "grpo.py", ["--n-samples", "1"], "--n-samples must be >= 2"),

@@ -46,7 +46,7 @@ def test_token_rewards_returns_and_whitening():
     scores = torch.tensor([1.0, -1.0])
     logp, ref = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -2.0, -1.0]]), torch.tensor([[-2.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0 ends at t=1, row 1 truncated at t=2
-    r = token_rewards(scores, logp, ref, mask, beta=0.5)
+    r = token_rewards(scores, logp, ref, mask, kl_coef=0.5)
     expected_r = [[-0.5, 1.0, 0.0], [0.0, 0.5, -1.0]]
     assert torch.allclose(r, torch.tensor(expected_r))
     gamma = 0.9
@@ -155,6 +155,25 @@ def test_runs_end_to_end(tmp_path, script, ranks):
                "--eval-size", "8", "--output-dir", out, *(["--zero-stage", "3"] if ranks else []), ranks=ranks)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == max(ranks, 1) and (out / "model.safetensors").exists()
+
+
+# Each with a loss that is not ~0 at ratio 1 on the first step: the mean over a batch of group-standardised
+# (GRPO) or whitened (REINFORCE++) advantages is 0, so GRPO adds its entropy bonus (a share like the others).
+@pytest.mark.parametrize("script,flags", [("grpo.py", ["--entropy-coef", "0.01"]), ("rloo.py", [])])
+def test_logged_loss_does_not_depend_on_the_micro_batch_size(tmp_path, script, flags):
+    """loss/policy is the mean over the step's optimizer steps of each one's loss (the sum of its micro-batches'
+    shares): minibatches of 8 sequences in one micro-batch or in four of 2 log the same figure (up to float
+    rounding) for the same first step; RLOO's was 4x apart, GRPO's 16x at the default sizes. A tiny learning
+    rate: Adam's first step moves every weight by ~lr whatever its gradient (rounding noise included), so the
+    second minibatch would otherwise meet different weights in the two runs."""
+    losses = []
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        run_script(script, "--steps", "1", "--prompts-per-step", "4", "--n-samples", "4", "--num-minibatches", "2",
+                   "--micro-batch-size", micro, "--lr", "1e-9", "--eval-size", "8", "--output-dir", out, *flags)
+        (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append(row["loss/policy"])
+    assert abs(losses[0]) > 1e-4 and abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0]), losses
 
 
 @pytest.mark.parametrize("script", ["grpo.py", "rloo.py", "reinforce_pp.py"])

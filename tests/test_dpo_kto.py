@@ -331,8 +331,9 @@ def refused(tmp_path, script, *args) -> str:
 
 
 def test_bad_flags_give_one_line_and_write_nothing(tmp_path):
-    assert "--loss must be" in refused(tmp_path, "dpo.py", "--loss", "hinj")
-    assert "applies to --loss sigmoid or robust only" in refused(tmp_path, "dpo.py", "--loss", "ipo", "--label-smoothing", "0.1")
+    assert "--loss-type must be" in refused(tmp_path, "dpo.py", "--loss-type", "hinj")
+    assert "applies to --loss-type sigmoid or robust only" in refused(tmp_path, "dpo.py", "--loss-type", "ipo",
+                                                                       "--label-smoothing", "0.1")
     assert "--micro-batch-size must be >= 2" in refused(tmp_path, "kto.py", "--micro-batch-size", "1")
 
 

@@ -41,7 +41,18 @@ def test_policy_loss_clipped_branches():
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
     per_token = [-min(1.5 * 1, 1.2 * 1), -min(0.5 * 1, 0.8 * 1), -min(1.1 * -1, 1.1 * -1)]
-    assert abs(policy_loss(logp, old, adv, mask, 0.2).item() - sum(per_token) / 3) < 1e-6
+    assert abs(policy_loss(logp, old, adv, mask, 0.2, 0.2).item() - sum(per_token) / 3) < 1e-6
+
+
+def test_policy_loss_clips_below_at_eps_low_and_above_at_eps_high():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.25, 0.85]]))
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    eps_low, eps_high = 0.1, 0.3  # the ratio is clipped to [0.9, 1.3]
+    per_token = [-min(1.5, 1.3), -min(-0.5, -0.9), -min(1.25, 1.25), -min(-0.85, -0.9)]
+    got = policy_loss(logp, old, adv, mask, eps_low, eps_high).item()
+    assert abs(got - sum(per_token) / 4) < 1e-6
 
 
 def test_value_loss_clipped_and_unclipped():
@@ -93,13 +104,14 @@ def test_micro_batch_shares_add_up_to_the_minibatch_token_mean():
     old_style = []
     for split in MICRO_SPLITS:
         logp, val = logp0.clone().requires_grad_(), val0.clone().requires_grad_()
-        pg = sum(policy_loss(logp[i], old[i], adv[i], mask[i], eps, n_tokens) for i in split)
+        pg = sum(policy_loss(logp[i], old[i], adv[i], mask[i], eps, eps, n_tokens) for i in split)
         v = sum(value_loss(val[i], old_v[i], ret[i], mask[i], clip, n_tokens) for i in split)
         assert abs(pg.item() - want_pg) < 1e-5 and abs(v.item() - want_v) < 1e-5, split
         (pg + v).backward()
         assert torch.allclose(logp.grad, want_logp_grad, atol=1e-6) and torch.allclose(val.grad, want_val_grad,
                                                                                        atol=1e-6), split
-        old_style.append(sum(policy_loss(logp0[i], old[i], adv[i], mask[i], eps).item() for i in split) / len(split))
+        own_means = [policy_loss(logp0[i], old[i], adv[i], mask[i], eps, eps).item() for i in split]
+        old_style.append(sum(own_means) / len(split))
     assert abs(old_style[0] - want_pg) < 1e-5  # one micro-batch: its own mean is the minibatch mean
     assert all(abs(o - want_pg) > 1e-3 for o in old_style[1:])  # the splits above do tell the two apart
     # the brief's example: micro-batch A, 1 token with loss 1; B, 3 tokens with loss 0 -> 1/4, not (1 + 0) / 2

@@ -341,7 +341,8 @@ def metrics(out):
                  "--top-entropy-quantile", "0.2", "--multi-reward", "gdpo", "--reward-fn", "addition,short_len:short",
                  "--kl-estimator", "k1"]),
     ("grpo.py", ["--loss-type", "sapo", "--ppo-epochs", "2"]),
-    ("rloo.py", ["--loss", "ppo", "--dual-clip", "3", "--delta", "4", "--kl-in", "loss", "--kl-estimator", "k3"]),
+    ("rloo.py", ["--loss-type", "ppo", "--dual-clip", "3", "--delta", "4", "--kl-in", "loss",
+                 "--kl-estimator", "k3"]),
     ("reinforce_pp.py", ["--baseline", "--dual-clip", "3", "--kl-in", "loss", "--kl-estimator", "k2"]),
     ("ppo_max.py", ["--dual-clip", "3", "--delta", "4", "--kl-in", "loss", "--kl-estimator", "k3",
                     "--critic-warmup-steps", "0"]),
@@ -361,8 +362,8 @@ def test_rl_variants_run_end_to_end(tmp_path, script, flags):
 def test_dpo_losses_run_end_to_end_and_reference_free_ones_load_no_reference(tmp_path, loss):
     out = tmp_path / "run"
     extra = {"robust": ["--label-smoothing", "0.1"], "simpo": ["--beta", "2", "--simpo-gamma", "1"]}.get(loss, [])
-    proc = run_script("dpo.py", "--loss", loss, *extra, "--steps", "2", "--batch-size", "8", "--micro-batch-size", "8",
-                      "--eval-size", "8", "--output-dir", out)
+    proc = run_script("dpo.py", "--loss-type", loss, *extra, "--steps", "2", "--batch-size", "8",
+                      "--micro-batch-size", "8", "--eval-size", "8", "--output-dir", out)
     rows = metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
     loads = proc.stdout.count("[model] loaded")
@@ -387,7 +388,7 @@ def test_sft_all_assistant_turns_runs_end_to_end(tmp_path):
 @pytest.mark.parametrize("script,flags,message", [
     ("grpo.py", ["--loss-type", "ppo"], "--loss-type must be grpo, gspo, cispo, sapo"),
     ("grpo.py", ["--loss-type", "cispo", "--dual-clip", "3"], "--dual-clip and --delta"),
-    ("dpo.py", ["--loss", "simpo", "--ref-on-the-fly"], "reference-free"),
+    ("dpo.py", ["--loss-type", "simpo", "--ref-on-the-fly"], "reference-free"),
 ])
 def test_bad_variant_flags_are_one_line_errors_and_write_nothing(tmp_path, script, flags, message):
     out = tmp_path / "run"
