@@ -96,12 +96,10 @@ EMBEDDED = dict(lr=2e-4, beta=0.25, micro_batch_size=64, max_new_tokens=8)
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def sequence_logps(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor,
-                   average: bool = False):
+def sequence_logps(logprobs: torch.Tensor, response_mask: torch.Tensor, average: bool = False):
     """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,); with average=True divided by the
-    number of response tokens. logits (N, R, V) predict the response tokens responses (N, R); response_mask
-    (N, R) is 1 on response tokens (EOS included), 0 on padding."""
-    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
+    number of response tokens. logprobs (N, R) of the response tokens; response_mask (N, R) is 1 on response
+    tokens (EOS included), 0 on padding."""
     mask = response_mask.float()
     total = (logprobs * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
@@ -178,8 +176,7 @@ def pair_logps(model, pairs: list[dict], pad_id: int, device, average: bool = Fa
     seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
     prompt_lens = [p["prompt_len"] for p in pairs] * 2
     ids, mask, rmask, p_len = data.collate_responses(seqs, prompt_lens, pad_id, device)
-    logits = engine.response_forward(model, ids, mask, p_len)
-    logps = sequence_logps(logits, ids[:, p_len:], rmask, average)
+    logps = sequence_logps(rollout.response_logprobs(model, ids, mask, p_len), rmask, average)
     return logps[: len(pairs)], logps[len(pairs):]
 
 

@@ -86,12 +86,9 @@ EMBEDDED = dict(lr=2e-4, beta=0.5, micro_batch_size=64, max_new_tokens=8)
 # ---------------------------------------------------------------------------------------------- the math
 
 
-def sequence_logps(logits: torch.Tensor, responses: torch.Tensor,
-                   response_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,). logits (N, R, V) predict the
-    response tokens `responses` (N, R); response_mask (N, R) is 1 on response tokens (EOS included), 0 on
-    padding."""
-    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
+def sequence_logps(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_t mask_t log pi(y_t | x, y_<t) per sequence, (N,). logprobs (N, R) of the response
+    tokens; response_mask (N, R) is 1 on response tokens (EOS included), 0 on padding."""
     return (logprobs * response_mask.float()).sum(-1)
 
 
@@ -171,7 +168,7 @@ def batch_logps(model, examples: list[dict], pad_id: int, device) -> torch.Tenso
     example and its mismatched KL row) compute it once (engine.response_forward)."""
     ids, mask, rmask, p_len = data.collate_responses([e["input_ids"] for e in examples],
                                                      [e["prompt_len"] for e in examples], pad_id, device)
-    return sequence_logps(engine.response_forward(model, ids, mask, p_len), ids[:, p_len:], rmask)
+    return sequence_logps(rollout.response_logprobs(model, ids, mask, p_len), rmask)
 
 
 @torch.no_grad()

@@ -272,11 +272,10 @@ def value_loss(values, old_values, returns, mask, clip: float, n_tokens: float |
     return 0.5 * (loss * mask).sum() / _count(mask, n_tokens)
 
 
-def sft_nll(logits, input_ids, response_mask, n_tokens: float | None = None):
+def sft_nll(logprobs, response_mask, n_tokens: float | None = None):
     """PPO-ptx term: NLL of the SFT response tokens, summed and divided by n_tokens, the SFT response tokens
     of every ptx batch of the minibatch (all micro-batches, all ranks; `ptx_tokens`); None: this batch's
-    mean NLL."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mean NLL. logprobs (B, L - 1): of tokens 1 .. L - 1 of the right-padded ptx rows."""
     mask = response_mask[:, 1:].float()
     return -(logprobs * mask).sum() / _count(mask, n_tokens)
 
@@ -521,8 +520,8 @@ def policy_update(args: Args, policy, mb: Batch, n_tokens: float, kl_coef: float
         pg_loss = pg_loss + kl_coef * (kl * mb.mask).sum() / n_tokens
     ptx_loss = torch.zeros((), device=ctx.device)
     if ptx_batch is not None:
-        logits = policy(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"]).logits
-        ptx_loss = sft_nll(logits, ptx_batch["input_ids"], ptx_batch["response_mask"], ptx_total)
+        ids, mask = ptx_batch["input_ids"], ptx_batch["attention_mask"]
+        ptx_loss = sft_nll(rollout.response_logprobs(policy, ids, mask, 1), ptx_batch["response_mask"], ptx_total)
     if train:
         engine.train_micro_batch(policy, pg_loss + args.ptx_coef * ptx_loss, ctx, step, last)
     with torch.no_grad():

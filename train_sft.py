@@ -49,19 +49,17 @@ class Args(RunArgs, DataArgs, LoraArgs):
 EMBEDDED = dict(lr=1e-3, warmup_steps=50, micro_batch_size=64, max_new_tokens=8)
 
 
-def sft_loss(logits: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over response tokens of -log p(y_t | x, y_<t).
-    logits (B, R, V) at the positions that predict the response tokens `responses` (B, R); response_mask
-    (B, R) marks the real ones (not padding)."""
-    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, responses[..., None]).squeeze(-1)
+def sft_loss(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens of -log p(y_t | x, y_<t): logprobs (B, R) of the response tokens,
+    response_mask (B, R) marks the real ones (not padding)."""
     mask = response_mask.float()
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 
-def response_logits(model, examples: list[dict], pad_id: int, device):
-    """(logits (B, R, V), responses (B, R), response_mask (B, R), attended tokens): prompts left-padded,
-    responses right-padded, and the LM head run only on the positions that predict a response token (no
-    vocabulary-sized logits over the prompt)."""
+def response_logprobs(model, examples: list[dict], pad_id: int, device):
+    """(log-probs (B, R) of the response tokens, response_mask (B, R), attended tokens): prompts left-padded,
+    responses right-padded; the LM head runs only on the positions that predict a response token, a chunk
+    at a time (shared.rollout.response_logprobs: no (B, R, V) logits)."""
     ids, mask, rmask, p_len = data.collate_responses([e["input_ids"] for e in examples],
                                                      [e["prompt_len"] for e in examples], pad_id, device)
     if any("loss_mask" in e for e in examples):  # --assistant-turns all: only the response's assistant turns
@@ -70,7 +68,7 @@ def response_logits(model, examples: list[dict], pad_id: int, device):
             m = e.get("loss_mask", [1] * (len(e["input_ids"]) - e["prompt_len"]))
             turns[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
         rmask = rmask & turns
-    return engine.response_forward(model, ids, mask, p_len), ids[:, p_len:], rmask, int(mask.sum())
+    return rollout.response_logprobs(model, ids, mask, p_len), rmask, int(mask.sum())
 
 
 @torch.no_grad()
@@ -80,10 +78,10 @@ def evaluate(model, tok, eval_examples, eval_prompts, scorers, args, ctx):
     totals = torch.zeros(2, dtype=torch.float64)
     for mb in data.rank_micro_batches(eval_examples, args.micro_batch_size, ctx):  # same calls on every rank
         examples = mb or eval_examples[:1]  # (an empty micro-batch runs a stand-in, dropped)
-        logits, responses, rmask, _ = response_logits(model, examples, tok.pad_token_id, ctx.device)
+        logprobs, rmask, _ = response_logprobs(model, examples, tok.pad_token_id, ctx.device)
         if mb:
             n_tokens = rmask.sum().double().cpu()
-            totals += torch.stack([sft_loss(logits, responses, rmask).double().cpu() * n_tokens, n_tokens])
+            totals += torch.stack([sft_loss(logprobs, rmask).double().cpu() * n_tokens, n_tokens])
     dist.all_reduce(totals)
     scores, samples = rollout.greedy_eval(model, tok, eval_prompts, scorers, ctx, args.max_new_tokens)
     model.train()
@@ -125,9 +123,9 @@ def main(args: Args):
         micro_batches = data.micro_batches(batch, args.micro_batch_size)
         for k, mb in enumerate(micro_batches):
             examples = [train[i] for i in mb]
-            logits, responses, rmask, attended = response_logits(model, examples, pad_id, ctx.device)
+            logprobs, rmask, attended = response_logprobs(model, examples, pad_id, ctx.device)
             # a micro-batch's share of the batch mean (micro-batches of equal size, on every rank)
-            share = sft_loss(logits, responses, rmask) / (grad_accum * ctx.world)
+            share = sft_loss(logprobs, rmask) / (grad_accum * ctx.world)
             engine.train_micro_batch(model, share, ctx, step + 1, last=k == len(micro_batches) - 1)
             stats.add(loss=share.item(), tokens=attended)
         step += 1

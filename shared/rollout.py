@@ -58,38 +58,72 @@ def response_mask_from(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, tok, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 32, greedy: bool = False) -> Rollout:
-    """HF `generate` backend. Under ZeRO-3 the full parameters are gathered once for the whole call."""
+    """HF `generate` backend. Under ZeRO-3 the full parameters are gathered once for the whole call. The
+    checkpoint's generation_config.json (repetition penalties, n-gram bans, suppressed tokens, ...) is set
+    aside for the call: samples come from softmax(logits / temperature), top-p cut, as the trainer assumes."""
+    from transformers import GenerationConfig
+
     module = getattr(model, "module", model)
     device = next(module.parameters()).device
     repeated = [p for p in prompt_ids for _ in range(n)]
     ids, mask = (t.to(device) for t in pad(repeated, tok.pad_token_id, left=True))
-    was_training = module.training
+    was_training, own_config = module.training, module.generation_config
     module.eval()
-    with gathered(model):
-        cache = None
-        # prefill each prompt once (all but its last token) and share the cache
-        if n > 1 and ids.shape[1] > 1:
-            once, once_mask = ids[::n, :-1], mask[::n, :-1]
-            cache = module(input_ids=once, attention_mask=once_mask, position_ids=position_ids(once_mask),
-                           use_cache=True).past_key_values
-            cache.batch_repeat_interleave(n)
-        out = module.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=not greedy,
-            temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
-            top_k=0 if not greedy else None, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True, use_cache=True)
+    module.generation_config = GenerationConfig()  # (greedy or sampling: only the flags below)
+    recorder = SampledLogprobs(1.0 if greedy else temperature)
+    try:
+        with gathered(model):
+            cache = None
+            # prefill each prompt once (all but its last token) and share the cache
+            if n > 1 and ids.shape[1] > 1:
+                once, once_mask = ids[::n, :-1], mask[::n, :-1]
+                cache = module(input_ids=once, attention_mask=once_mask, position_ids=position_ids(once_mask),
+                               use_cache=True).past_key_values
+                cache.batch_repeat_interleave(n)
+            out = module.generate(
+                input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=not greedy,
+                temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
+                top_k=0 if not greedy else None, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, return_dict_in_generate=True, use_cache=True,
+                logits_processor=[recorder])
+    finally:
+        module.generation_config = own_config
     module.train(was_training)
     prompt_len = ids.shape[1]
     responses = out.sequences[:, prompt_len:]
     response_mask = response_mask_from(responses, tok.eos_token_id)
-    logits = torch.stack(out.logits, 1).float() / (1.0 if greedy else temperature)
-    logprobs = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1) * response_mask
+    logprobs = recorder.result(responses) * response_mask
     texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, response_mask)]
     return Rollout(
         input_ids=out.sequences, attention_mask=torch.cat([mask, response_mask.long()], 1),
         response_mask=response_mask, logprobs=logprobs, eos=(responses == tok.eos_token_id).any(1),
         prompt_len=prompt_len, texts=texts,
         prompt_index=torch.arange(len(prompt_ids), device=device).repeat_interleave(n))
+
+
+class SampledLogprobs:
+    """A logits processor that records log_softmax(z / T)[y] of each sampled token y, one step behind:
+    `generate` shows it each step's raw fp32 logits z before sampling, and at the next step the token sampled
+    from them (the last step's after `generate` returns). It holds one step's (N, V) logits, where
+    output_logits=True would keep all R of them."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.last, self.steps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.last is not None:
+            self._take(input_ids[:, -1])
+        self.last = scores / self.temperature  # (a new tensor: the samplers after it leave it as it is)
+        return scores
+
+    def _take(self, tokens):
+        self.steps.append(self.last.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(self.last, -1))
+        self.last = None
+
+    def result(self, responses: torch.Tensor) -> torch.Tensor:
+        self._take(responses[:, -1])
+        assert len(self.steps) == responses.shape[1], "generate skipped the log-prob recorder"
+        return torch.stack(self.steps, 1)
 
 
 class Generator:
@@ -294,11 +328,23 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     optionally also the per-token entropy of that distribution (a statistic: detached, outside the autograd
     graph; with_entropy="grad": inside it, for an entropy bonus).
 
-    log p(y_t) = z_t[y_t] - logsumexp(z_t): no vocabulary-sized log-softmax is materialised beside the logits
-    (in no-grad passes only the logits are vocabulary-sized; with grad, logsumexp keeps them for its backward,
-    as log_softmax would keep its output)."""
+    log p(y_t) = z_t[y_t] - logsumexp(z_t), z = logits / temperature. Where the model's logits are its LM
+    head on its backbone's last hidden state (`lm_head_of`), the head runs a chunk of positions at a time
+    and its backward recomputes each chunk's logits (`HeadLogprobs`): no (N, R, V) tensor exists, forward or
+    backward, only (rows x V) ones of HEAD_CHUNK elements. Otherwise (ZeRO-3, a LoRA or quantized head,
+    logits that are scaled or capped) the model's own logits, with the same formulas."""
+    responses = input_ids[:, prompt_len:]
+    head = lm_head_of(model)
+    if head is not None:
+        hidden = response_forward(head[0], input_ids, attention_mask, prompt_len, "last_hidden_state")
+        lp, ent = HeadLogprobs.apply(hidden.flatten(0, 1), head[1].weight, head[1].bias, responses.flatten(),
+                                     temperature, bool(with_entropy))
+        lp, ent = lp.view(responses.shape), ent.view(responses.shape)
+        if not with_entropy:
+            return lp
+        return lp, ent if with_entropy == "grad" else ent.detach()
     logits = response_forward(model, input_ids, attention_mask, prompt_len).float() / temperature
-    logprobs = logits.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    logprobs = logits.gather(-1, responses[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
     # differentiable, for an entropy bonus (keeps a vocabulary-sized softmax for backward)
     if with_entropy == "grad":
         return logprobs, torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
@@ -313,6 +359,98 @@ def entropy(logits: torch.Tensor, rows: int = 8) -> torch.Tensor:
     softmax temporaries stay small."""
     return torch.cat([torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
                       for z in logits.split(rows)])
+
+
+HEAD_CHUNK = 2**23  # elements of a chunk's logits: (HEAD_CHUNK / V) positions, 32 MiB in fp32
+# config fields of models whose logits are not head(hidden) (Gemma 2/3, Cohere, Granite)
+_LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def lm_head_of(model):
+    """(backbone, head) when `model`'s logits are head(backbone(...).last_hidden_state) with a plain Linear
+    head that holds its whole weight, else None; decided once per model, with a check on a few tokens that
+    the two agree (remote code may compute its logits otherwise)."""
+    module = getattr(model, "module", model)
+    if "_lm_head" not in module.__dict__:
+        module.__dict__["_lm_head"] = _find_lm_head(module)
+    return module.__dict__["_lm_head"]
+
+
+@torch.no_grad()
+def _find_lm_head(module):
+    inner = module.get_base_model() if hasattr(module, "get_base_model") else module  # (PEFT)
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    if (type(head) is not torch.nn.Linear or not isinstance(backbone, torch.nn.Module) or backbone is inner
+            or hasattr(head.weight, "ds_id")  # ZeRO-3: partitioned
+            or any(getattr(c, k, None) not in (None, 1, 1.0) for c in configs for k in _LOGIT_SCALING)):
+        return None
+    ids = torch.arange(1, 9, device=head.weight.device)[None] % head.weight.shape[0]
+    was_training = module.training
+    module.eval()
+    try:
+        want = module(input_ids=ids).logits.float()
+        got = head(backbone(input_ids=ids).last_hidden_state).float()
+    finally:
+        module.train(was_training)
+    if want.shape != got.shape or (want - got).abs().max() > 1e-3 * max(1.0, want.abs().max().item()):
+        dist.say(f"[lm-head] {type(inner).__name__}'s logits are not its head on its backbone's output: "
+                 f"log-probs come from its full logits (memory grows with positions x vocabulary)")
+        return None
+    return backbone, head
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """(log p(y), entropy) per position of softmax((h W^T + b) / T), computed over chunks of positions;
+    the backward recomputes each chunk's logits, so only (chunk x V) tensors ever exist:
+        dL/dz = g_lp (onehot(y) - p) - g_ent p (z - sum p z),  dL/dh = dL/dz W / T,  dL/dW = (dL/dz)^T h / T
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+        ctx.set_materialize_grads(False)
+        rows = max(1, HEAD_CHUNK // weight.shape[0])
+        lp = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        ent = torch.zeros_like(lp)
+        for s in range(0, len(hidden), rows):
+            z = torch.nn.functional.linear(hidden[s:s + rows], weight, bias).float() / temperature
+            lse = torch.logsumexp(z, -1)
+            lp[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1) - lse
+            if with_entropy:
+                ent[s:s + rows] = lse - (torch.softmax(z, -1) * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature, ctx.rows = temperature, rows
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, len(hidden), ctx.rows):
+            h = hidden[s:s + ctx.rows]
+            z = torch.nn.functional.linear(h, weight, bias).float() / ctx.temperature
+            p = torch.softmax(z, -1)
+            dz = torch.zeros_like(z)
+            if g_lp is not None:
+                g = g_lp[s:s + ctx.rows, None]
+                dz = dz - p * g
+                dz.scatter_add_(-1, targets[s:s + ctx.rows, None], g)
+            if g_ent is not None:
+                dz = dz - g_ent[s:s + ctx.rows, None] * p * (z - (p * z).sum(-1, keepdim=True))
+            dz = (dz / ctx.temperature).to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + ctx.rows] = dz @ weight
+            if need_w:  # (fp32 accumulation over chunks; a bf16 head adds each chunk's bf16 product)
+                grad_w.addmm_(dz.T, h) if h.dtype == torch.float32 else grad_w.add_(dz.T @ h)
+            if need_b:
+                grad_b += dz.float().sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        return grad_h, grad_w, grad_b.to(bias.dtype) if need_b else None, None, None, None
 
 
 def greedy_eval(model, tok, examples: list[dict], scorers: dict, ctx, max_new_tokens: int,

@@ -21,23 +21,26 @@ def test_sft_loss_is_mean_nll_over_response_tokens_only():
                 terms.append(-(row[responses[b, t]] - log_z))
     expected = sum(terms) / len(terms)
     assert len(terms) == 5
-    assert abs(sft_loss(logits, responses, response_mask).item() - expected) < 1e-6
+    logprobs = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
+    assert abs(sft_loss(logprobs, response_mask).item() - expected) < 1e-6
 
 
-def test_sft_batch_equals_each_sequence_alone_and_runs_the_lm_head_on_responses_only(tokenizer):
+def test_sft_batch_equals_each_sequence_alone_and_runs_the_lm_head_on_responses_only(tokenizer, monkeypatch):
     """train_sft's batch (prompts left-padded, responses right-padded, logits only where a response token is
     predicted) gives the token-mean NLL of a plain full forward over each unpadded sequence."""
     from conftest import tiny_llama
-    from train_sft import response_logits
+    from shared import rollout
+    from train_sft import response_logprobs
 
     model = tiny_llama(len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     examples = [{"input_ids": [20, 21, 14, 30, 31, 1], "prompt_len": 3}, {"input_ids": [25, 26, 1], "prompt_len": 1},
                 {"input_ids": [22, 14, 23, 24, 30, 33, 34, 35, 1], "prompt_len": 5}]
     seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:2]))
-    logits, responses, rmask, attended = response_logits(model, examples, tokenizer.pad_token_id, "cpu")
-    hook.remove()
-    loss = sft_loss(logits, responses, rmask)
+    rollout.lm_head_of(model)  # (its one-time check runs the head on 8 tokens)
+    head = rollout.HeadLogprobs.apply
+    monkeypatch.setattr(rollout.HeadLogprobs, "apply", lambda h, *a: (seen.append(h.shape[:1]), head(h, *a))[1])
+    logprobs, rmask, attended = response_logprobs(model, examples, tokenizer.pad_token_id, "cpu")
+    loss = sft_loss(logprobs, rmask)
     nll, n = 0.0, 0
     for e in examples:
         ids, k = torch.tensor([e["input_ids"]]), e["prompt_len"]
@@ -46,7 +49,7 @@ def test_sft_batch_equals_each_sequence_alone_and_runs_the_lm_head_on_responses_
         n += len(e["input_ids"]) - k
     assert abs(loss.item() - nll / n) < 1e-5
     assert attended == sum(len(e["input_ids"]) for e in examples)
-    assert seen == [torch.Size([3, 5])]  # 3 rows x the longest response (5), not x the padded length 10
+    assert seen == [torch.Size([3 * 4])]  # 3 rows x the longest response (4), not x the padded length 10
 
 
 def test_bradley_terry_loss_with_and_without_margin():

@@ -99,7 +99,7 @@ def test_greedy_is_deterministic(tokenizer):
     assert torch.equal(a.input_ids, b.input_ids)
 
 
-def test_shared_prompt_forward_matches_the_plain_forward_and_its_gradients(tokenizer):
+def test_shared_prompt_forward_matches_the_plain_forward_and_its_gradients(tokenizer, monkeypatch):
     """Repeated prompts run once with their cache shared (engine.response_forward): the log-probs, a critic's values
     and every parameter gradient must equal one plain forward over the full padded rows (rows shuffled, as in a PPO
     minibatch; ragged prompts, one of a single token)."""
@@ -123,11 +123,15 @@ def test_shared_prompt_forward_matches_the_plain_forward_and_its_gradients(token
         (fn(m) * rmask).sum().backward()
         return {k: p.grad.clone() for k, p in m.named_parameters()}
 
-    seen = []  # the LM head runs on each distinct prompt's last position and on the response positions only
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
+    # the backbone runs each distinct prompt once, then the response positions; the LM head (in chunks) runs on
+    # the positions that predict a response token only
+    rollout.lm_head_of(model)  # (its one-time check runs the model on 8 tokens)
+    seen, head = [], rollout.HeadLogprobs.apply
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2])))
+    monkeypatch.setattr(rollout.HeadLogprobs, "apply", lambda h, *a: (seen.append(len(h)), head(h, *a))[1])
     shared_lp = rollout.response_logprobs(model, ids, mask, p_len)
     hook.remove()
-    assert seen == [(len(PROMPTS), 1), (len(ids), ids.shape[1] - p_len - 1)]
+    assert seen == [(len(PROMPTS), p_len), (len(ids), ids.shape[1] - p_len - 1), len(ids) * (ids.shape[1] - p_len)]
     assert ((shared_lp - plain(model)) * rmask).abs().max() <= 1e-5
     g_plain, g_shared = grads(model, plain), grads(model, lambda m: rollout.response_logprobs(m, ids, mask, p_len))
     for k in g_plain:
@@ -159,3 +163,23 @@ def test_response_logprobs_and_entropy_equal_the_full_log_softmax_and_the_entrop
     assert (logprobs.double() - logp_all.gather(-1, ids[:, 4:, None]).squeeze(-1)).abs().max() <= 1e-5
     assert (entropy.double() + (logp_all.exp() * logp_all).sum(-1)).abs().max() <= 1e-5
     assert logprobs.requires_grad and not entropy.requires_grad and entropy.grad_fn is None
+
+
+def test_hf_sampling_sets_the_checkpoints_generation_config_aside():
+    """A checkpoint's generation_config.json (here an n-gram ban and a repetition penalty, as chat models ship them)
+    would change what `generate` samples but not the log-probs the trainer computes: greedy responses must be the
+    argmax of the model's own logits at every step, and the model keeps its config for export."""
+    from families import build_family
+
+    from shared import engine
+
+    model, tok = build_family("llama")
+    model.eval()
+    model.generation_config.no_repeat_ngram_size, model.generation_config.repetition_penalty = 1, 10.0
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("1+2=", "the sum of", "a")]
+    ro = rollout.generate(model, tok, prompts, max_new_tokens=12, greedy=True)
+    with torch.no_grad():
+        logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                       position_ids=engine.position_ids(ro.attention_mask)).logits[:, ro.prompt_len - 1: -1]
+    assert torch.equal(logits.argmax(-1)[ro.response_mask], ro.responses[ro.response_mask])
+    assert (model.generation_config.no_repeat_ngram_size, model.generation_config.repetition_penalty) == (1, 10.0)

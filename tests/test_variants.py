@@ -283,7 +283,7 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns_and_their_end_of_turn_toke
     message's content followed by <|im_end|>, and nothing else (all); or the last one only (last)."""
     from families import build_family
     from shared import data
-    from train_sft import Args, response_logits
+    from train_sft import Args, response_logprobs
 
     model, tok = build_family("llama")
     args = Args(assistant_turns=turns)
@@ -291,7 +291,8 @@ def test_sft_loss_mask_is_exactly_the_assistant_turns_and_their_end_of_turn_toke
     # the whole sequence is the template's rendering of the conversation, up to the last end of turn
     rendered = tok.apply_chat_template(CONVERSATION, tokenize=False)
     assert tok.decode(ex["input_ids"]) == rendered.removesuffix("\n")
-    _, responses, rmask, _ = response_logits(model, [ex], tok.pad_token_id, "cpu")  # what sft_loss averages over
+    _, rmask, _ = response_logprobs(model, [ex], tok.pad_token_id, "cpu")  # what sft_loss averages over
+    responses = torch.tensor([ex["input_ids"][ex["prompt_len"]:]])
     trained, runs, run = responses[0][rmask[0]].tolist(), [], []
     for t, on in zip(responses[0].tolist(), rmask[0].tolist()):  # contiguous trained spans
         if on:
