@@ -331,7 +331,7 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     log p(y_t) = z_t[y_t] - logsumexp(z_t), z = logits / temperature. Where the model's logits are its LM
     head on its backbone's last hidden state (`lm_head_of`), the head runs a chunk of positions at a time
     and its backward recomputes each chunk's logits (`HeadLogprobs`): no (N, R, V) tensor exists, forward or
-    backward, only (rows x V) ones of HEAD_CHUNK elements. Otherwise (ZeRO-3, a LoRA or quantized head,
+    backward, only (rows x V) ones of HEAD_CHUNK's elements. Otherwise (ZeRO-3, a LoRA or quantized head,
     logits that are scaled or capped) the model's own logits, with the same formulas."""
     responses = input_ids[:, prompt_len:]
     head = lm_head_of(model)
@@ -361,7 +361,10 @@ def entropy(logits: torch.Tensor, rows: int = 8) -> torch.Tensor:
                       for z in logits.split(rows)])
 
 
-HEAD_CHUNK = 2**23  # elements of a chunk's logits: (HEAD_CHUNK / V) positions, 32 MiB in fp32
+# elements of a chunk's fp32 logits, (HEAD_CHUNK / V) positions; a few such buffers live at once: 16 MiB on a CPU,
+# 256 MiB on a GPU, where a chunk needs a few hundred positions for its matmul (which reads all of W) to be
+# compute-bound
+HEAD_CHUNK = {"cpu": 2**22, "cuda": 2**26}
 # config fields of models whose logits are not head(hidden) (Gemma 2/3, Cohere, Granite)
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -404,22 +407,28 @@ def _find_lm_head(module):
 
 class HeadLogprobs(torch.autograd.Function):
     """(log p(y), entropy) per position of softmax((h W^T + b) / T), computed over chunks of positions;
-    the backward recomputes each chunk's logits, so only (chunk x V) tensors ever exist:
+    the backward recomputes each chunk's logits, so only (chunk x V) tensors ever exist (two or three at a
+    time: the arithmetic is in place):
         dL/dz = g_lp (onehot(y) - p) - g_ent p (z - sum p z),  dL/dh = dL/dz W / T,  dL/dW = (dL/dz)^T h / T
     """
 
     @staticmethod
+    def logits(h, weight, bias, temperature: float) -> torch.Tensor:
+        z = torch.nn.functional.linear(h, weight, bias)
+        return (z.float() if z.dtype != torch.float32 else z).div_(temperature)
+
+    @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool):
         ctx.set_materialize_grads(False)
-        rows = max(1, HEAD_CHUNK // weight.shape[0])
+        rows = max(1, HEAD_CHUNK.get(hidden.device.type, HEAD_CHUNK["cpu"]) // weight.shape[0])
         lp = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         ent = torch.zeros_like(lp)
         for s in range(0, len(hidden), rows):
-            z = torch.nn.functional.linear(hidden[s:s + rows], weight, bias).float() / temperature
+            z = HeadLogprobs.logits(hidden[s:s + rows], weight, bias, temperature)
             lse = torch.logsumexp(z, -1)
             lp[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1) - lse
             if with_entropy:
-                ent[s:s + rows] = lse - (torch.softmax(z, -1) * z).sum(-1)
+                ent[s:s + rows] = lse - torch.softmax(z, -1).mul_(z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature, ctx.rows = temperature, rows
         return lp, ent
@@ -432,19 +441,20 @@ class HeadLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for s in range(0, len(hidden), ctx.rows):
-            h = hidden[s:s + ctx.rows]
-            z = torch.nn.functional.linear(h, weight, bias).float() / ctx.temperature
+            h, rows = hidden[s:s + ctx.rows], slice(s, s + ctx.rows)
+            z = HeadLogprobs.logits(h, weight, bias, ctx.temperature)
             p = torch.softmax(z, -1)
-            dz = torch.zeros_like(z)
-            if g_lp is not None:
-                g = g_lp[s:s + ctx.rows, None]
-                dz = dz - p * g
-                dz.scatter_add_(-1, targets[s:s + ctx.rows, None], g)
-            if g_ent is not None:
-                dz = dz - g_ent[s:s + ctx.rows, None] * p * (z - (p * z).sum(-1, keepdim=True))
-            dz = (dz / ctx.temperature).to(hidden.dtype)
+            if g_ent is not None:  # z := -g_ent p (z - sum p z)
+                mean = (p[:, None, :] @ z[:, :, None]).view(-1, 1)
+                z.sub_(mean).mul_(p).mul_(-g_ent[rows, None])
+            if g_lp is not None:  # p := g_lp (onehot(y) - p) (+ the entropy's part)
+                p.mul_(-g_lp[rows, None]).scatter_add_(-1, targets[rows, None], g_lp[rows, None])
+                dz = p.add_(z) if g_ent is not None else p
+            else:
+                dz = z if g_ent is not None else p.zero_()
+            dz = dz.div_(ctx.temperature).to(hidden.dtype)
             if need_h:
-                grad_h[s:s + ctx.rows] = dz @ weight
+                grad_h[rows] = dz @ weight
             if need_w:  # (fp32 accumulation over chunks; a bf16 head adds each chunk's bf16 product)
                 grad_w.addmm_(dz.T, h) if h.dtype == torch.float32 else grad_w.add_(dz.T @ h)
             if need_b:

@@ -64,8 +64,8 @@ def test_no_prompt_sharing_runs_one_plain_forward_with_the_same_numbers(family_d
     prompts = torch.randint(3, 300, (2, 6)).repeat_interleave(3, 0)  # 2 prompts x 3 samples
     ids = torch.cat([prompts, torch.randint(3, 300, (6, 5))], 1)
     mask = torch.ones_like(ids)
-    calls = []
-    model.register_forward_hook(lambda m, a, kw, out: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    calls, (backbone, _) = [], rollout.lm_head_of(model)  # (the head runs in chunks on the backbone's output)
+    backbone.register_forward_hook(lambda m, a, kw, out: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     with torch.no_grad():
         shared_lp = rollout.response_logprobs(model, ids, mask, 6)
         assert calls == [(2, 6), (6, 4)]

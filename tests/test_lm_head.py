@@ -30,7 +30,7 @@ def batch(tok, rows=6, length=12, p_len=5, seed=0):
 def test_chunked_head_equals_the_full_log_softmax_with_its_gradients(family, monkeypatch):
     model, tok = build_family(family)
     model.eval()  # (gpt2's dropout)
-    monkeypatch.setattr(rollout, "HEAD_CHUNK", 7 * len(tok))  # 7 positions a chunk: 6 x 7 positions -> 6 chunks
+    monkeypatch.setitem(rollout.HEAD_CHUNK, "cpu", 7 * len(tok))  # 7 positions a chunk: 6 x 7 positions -> 6 chunks
     assert rollout.lm_head_of(model) is not None
     ids, mask, p_len = batch(tok)
     w_lp = torch.randn(ids.shape[0], ids.shape[1] - p_len, generator=torch.Generator().manual_seed(1))
@@ -76,7 +76,7 @@ class LargestLogits(TorchDispatchMode):
 def test_no_vocabulary_sized_tensor_over_all_positions_forward_or_backward(family, monkeypatch):
     model, tok = build_family(family)
     rows = 4
-    monkeypatch.setattr(rollout, "HEAD_CHUNK", rows * len(tok))
+    monkeypatch.setitem(rollout.HEAD_CHUNK, "cpu", rows * len(tok))
     rollout.lm_head_of(model)
     ids, mask, p_len = batch(tok, rows=8, length=20)
     positions = ids.shape[0] * (ids.shape[1] - p_len)
