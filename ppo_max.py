@@ -521,7 +521,8 @@ def policy_update(args: Args, policy, mb: Batch, n_tokens: float, kl_coef: float
     ptx_loss = torch.zeros((), device=ctx.device)
     if ptx_batch is not None:
         ids, mask = ptx_batch["input_ids"], ptx_batch["attention_mask"]
-        ptx_loss = sft_nll(rollout.response_logprobs(policy, ids, mask, 1), ptx_batch["response_mask"], ptx_total)
+        ptx_logprobs = rollout.response_logprobs(policy, ids, mask, 1)
+        ptx_loss = sft_nll(ptx_logprobs, ptx_batch["response_mask"], ptx_total)
     if train:
         engine.train_micro_batch(policy, pg_loss + args.ptx_coef * ptx_loss, ctx, step, last)
     with torch.no_grad():

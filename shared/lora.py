@@ -106,13 +106,17 @@ def is_lora(model) -> bool:
 class Reference:
     """The frozen reference as the policy with its LoRA adapters switched off (peft's `disable_adapter()`):
     the starting model's numbers without a second copy of it. Called like a model; `module` is the policy (for
-    engine.response_forward)."""
+    engine.response_forward); code that calls the policy's parts itself (rollout.response_logprobs' chunked
+    LM head) does so inside `forward_context()`."""
 
     def __init__(self, policy):
         self.module = getattr(policy, "module", policy)
 
+    def forward_context(self):
+        return self.module.lora.peft_model.disable_adapter()
+
     def __call__(self, **kwargs):
-        with self.module.lora.peft_model.disable_adapter():
+        with self.forward_context():
             return self.module(**kwargs)
 
 

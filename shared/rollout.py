@@ -17,6 +17,7 @@ Two backends make it, behind one class, `Generator`: `hf` (transformers `generat
 `vllm` (a vLLM engine living in each rank's process, colocated with the trainer, fed the policy's weights by
 `sync`).
 """
+import contextlib
 import copy
 import importlib.util
 import os
@@ -336,7 +337,8 @@ def response_logprobs(model, input_ids, attention_mask, prompt_len: int, tempera
     responses = input_ids[:, prompt_len:]
     head = lm_head_of(model)
     if head is not None:
-        hidden = response_forward(head[0], input_ids, attention_mask, prompt_len, "last_hidden_state")
+        with getattr(model, "forward_context", contextlib.nullcontext)():  # (lora.Reference: adapters off)
+            hidden = response_forward(head[0], input_ids, attention_mask, prompt_len, "last_hidden_state")
         lp, ent = HeadLogprobs.apply(hidden.flatten(0, 1), head[1].weight, head[1].bias, responses.flatten(),
                                      temperature, bool(with_entropy))
         lp, ent = lp.view(responses.shape), ent.view(responses.shape)
@@ -361,9 +363,9 @@ def entropy(logits: torch.Tensor, rows: int = 8) -> torch.Tensor:
                       for z in logits.split(rows)])
 
 
-# elements of a chunk's fp32 logits, (HEAD_CHUNK / V) positions; a few such buffers live at once: 16 MiB on a CPU,
-# 256 MiB on a GPU, where a chunk needs a few hundred positions for its matmul (which reads all of W) to be
-# compute-bound
+# elements of a chunk's fp32 logits, (HEAD_CHUNK / V) positions; a few such buffers live at once: 16 MiB on a
+# CPU, 256 MiB on a GPU, where a chunk needs a few hundred positions for its matmul (which reads all of W) to
+# be compute-bound
 HEAD_CHUNK = {"cpu": 2**22, "cuda": 2**26}
 # config fields of models whose logits are not head(hidden) (Gemma 2/3, Cohere, Granite)
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")

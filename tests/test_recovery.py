@@ -35,6 +35,7 @@ def command(script, args, ranks=0):
 def env(fault=None):
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     e.pop("RLHF_FAULT", None)
+    e.pop("MASTER_PORT", None)  # left by a dist.init in this process: a child would try to bind the same port
     return {**e, "RLHF_FAULT": fault} if fault else e
 
 
