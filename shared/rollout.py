@@ -365,7 +365,8 @@ def entropy(logits: torch.Tensor, rows: int = 8) -> torch.Tensor:
 
 # elements of a chunk's fp32 logits, (HEAD_CHUNK / V) positions; a few such buffers live at once: 64 MiB on a
 # CPU, 256 MiB on a GPU. Each chunk reads all of W and adds to all of W's gradient, so chunks of a few dozen
-# positions are memory-bound (at 152k tokens on CPU, 27-position chunks took 1.4x the time of 110-position ones)
+# positions are memory-bound (at 152k tokens on CPU, 27-position chunks took 1.4x the time of 110-position
+# ones)
 HEAD_CHUNK = {"cpu": 2**24, "cuda": 2**26}
 # config fields of models whose logits are not head(hidden) (Gemma 2/3, Cohere, Granite)
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
